@@ -1,0 +1,168 @@
+"""The dispatcher: one worker thread owns the backend and the scheduler; the event loop talks to it
+through commands.
+
+HTTP handlers never touch the llama context. ``submit`` and ``cancel`` append a command and wake the
+worker; the worker runs scheduler steps and hands each step's events back to the submitting event
+loop with one ``call_soon_threadsafe``. Nothing holds a lock around the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from parallama.batching.events import Event
+from parallama.batching.scheduler import Delivery, Scheduler, SchedulerConfig
+from parallama.batching.sequence import Request
+from parallama.batching.status import EngineStatus, snapshot
+from parallama.sequences import Backend, SamplingParams
+
+log = logging.getLogger(__name__)
+_request_ids = itertools.count(1)
+
+
+class QueueFull(Exception):
+    """The request queue is at its bound; the caller should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine no longer admits requests (shutting down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    ctx_size: int  # most tokens (prompt + output) one sequence may hold
+    max_queue: int = 256  # requests waiting for a sequence before submit() raises QueueFull
+    growth_margin: int = 16
+
+
+class RequestStream:
+    """Events of one request, as an async iterator. Leaving ``async with`` early cancels it."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.done = False
+        self._engine = engine
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while not self.done:
+            event = await self.queue.get()
+            self.done = event.usage is not None
+            yield event
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.done:
+            self._engine.cancel(self.request_id)
+
+
+class Engine:
+    def __init__(self, backend: Backend, config: EngineConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin))
+        self._commands: deque[Callable[[], list[Delivery] | None]] = deque()
+        self._wake = threading.Event()
+        self._submitted = 0  # with scheduler.num_dequeued, gives the requests still queued
+        self._submit_lock = threading.Lock()
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="parallama-engine", daemon=True)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self._accepting = False
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # --- the event loop's side -----------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1) -> RequestStream:
+        """Queue a request. Call on the event loop that will read the stream."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        with self._submit_lock:
+            if self.num_queued >= self.config.max_queue:
+                raise QueueFull(f"{self.num_queued} requests are already waiting")
+            self._submitted += 1
+        request_id = f"req-{next(_request_ids)}"
+        stream = RequestStream(self, request_id)
+        request = Request(request_id, list(prompt), params, n, (asyncio.get_running_loop(), stream.queue))
+        self._send(lambda: self.scheduler.add(request))
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._send(lambda: self.scheduler.abort(request_id))
+
+    async def status(self) -> EngineStatus:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[EngineStatus] = loop.create_future()
+        self._send(lambda: loop.call_soon_threadsafe(future.set_result, snapshot(self)) and None)
+        return await future
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted that have not yet taken a sequence (or left the queue otherwise)."""
+        return self._submitted - self.scheduler.num_dequeued
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        # Reads the model's vocabulary only, never the context: safe beside the worker.
+        return self.backend.tokenize(text, add_special, parse_special)
+
+    # --- the worker's side ---------------------------------------------------------------------
+    def _send(self, command: Callable[[], list[Delivery] | None]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self._drain_commands()
+            if self._stopping and not self.scheduler.has_work:
+                return
+            if not self.scheduler.has_work:
+                self._wake.wait()
+                continue
+            _deliver(self.scheduler.step())
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            try:
+                deliveries = self._commands.popleft()()
+            except Exception:
+                log.exception("engine command failed")
+                continue
+            if deliveries:
+                _deliver(deliveries)
+
+
+def _deliver(deliveries: list[Delivery]) -> None:
+    """Hand a step's events to their event loops: one thread-safe call per loop, not per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = defaultdict(list)
+    for request, event in deliveries:
+        loop, queue = request.sink
+        by_loop[loop].append((queue, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that loop is closed: its client is gone
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

@@ -1,0 +1,28 @@
+"""What the engine sends back to the edge, one list of events per scheduler step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Event:
+    """A text delta of choice ``index``. The last event of a choice has its finish_reason; the last
+    event of a request also carries ``usage`` (and ``error`` when the engine failed it)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None

@@ -1,0 +1,257 @@
+"""Continuous batching: each step is one ``llama_decode`` over every running sequence.
+
+A step admits waiting requests, plans one batch (one token for each generating sequence first, then
+prompt chunks within what is left of the ``n_batch`` budget), decodes it, samples, and turns the
+samples into text events. Finished and cancelled sequences give their seq_id and KV cells back at
+once. Pure Python over a ``Backend``: no threads here, so tests drive it step by step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from parallama.batching.events import Event
+from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
+from parallama.sequences import Backend, BatchItem, BatchPlan, DecodeOutcome
+from parallama.sequences.backend import BackendError
+from parallama.sequences.detokenizer import IncrementalDetokenizer
+from parallama.sequences.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+Delivery = tuple[Request, Event]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    ctx_size: int  # most tokens (prompt + output) one sequence may hold
+    growth_margin: int = 16  # cells a newly admitted sequence should find free beyond its prompt
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.cap = backend.n_seq_max  # most sequences running at once; lowered under pressure
+        self.waiting: deque[list[Sequence]] = deque()  # groups admitted together, FCFS
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.free_ids = list(range(backend.n_seq_max - 1, -1, -1))
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.num_dequeued = 0  # requests that left the queue for the first time (admitted or ended)
+        self._admissions = itertools.count()
+        self._out: list[Delivery] = []
+
+    # --- commands ------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.sequences = [Sequence(request, i) for i in range(request.n)]
+        request.num_unfinished = request.n
+        self.requests[request.request_id] = request
+        self.waiting.append(list(request.sequences))
+
+    def abort(self, request_id: str) -> list[Delivery]:
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        self._unqueue(request)
+        for seq in request.sequences:
+            if seq.status != SeqStatus.FINISHED:
+                self._finish(seq, FinishReason.CANCELLED)
+        return self._take_out()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len({id(g[0].request) for g in self.waiting})
+
+    def kv_cells_used(self) -> int:
+        """Cells held by running sequences; a shared prefix counts once, as in llama.cpp."""
+        prefixes = {id(s.prefix): s.prefix.length for s in self.running if s.prefix}
+        return sum(s.own_cells() for s in self.running) + sum(prefixes.values())
+
+    # --- one step ------------------------------------------------------------------------------
+    def step(self) -> list[Delivery]:
+        self._admit()
+        self._share_prefixes()
+        plan, seqs = self._plan()
+        if plan.items:
+            self.num_steps += 1
+            self._run(plan, seqs)
+        return self._take_out()
+
+    def _run(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
+        try:
+            outcome = self.backend.decode(plan)
+        except BackendError as exc:
+            log.error("decode failed: %s", exc)
+            self._fail({s.request for s in seqs}, str(exc))
+            return
+        if outcome is DecodeOutcome.NO_KV_SLOT:
+            self._on_kv_full(plan)
+            return
+        for seq, item, row in zip(seqs, plan.items, plan.logits_index):
+            seq.num_computed += len(item.token_ids)
+            if item.wants_logits:
+                self._accept(seq, seq.sampler.sample(row))
+
+    # --- admission -----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and self._can_admit(self.waiting[0]):
+            group = self.waiting.popleft()
+            self.num_dequeued += group[0].admitted < 0
+            for seq in group:
+                self._start(seq)
+            leader, followers = group[0], group[1:]
+            if followers and len(leader.prompt) > 1 and leader.num_computed == 0:
+                leader.followers = followers
+                for f in followers:
+                    f.copy_from = leader
+
+    def _can_admit(self, group: list[Sequence]) -> bool:
+        if len(group) > len(self.free_ids):
+            return False
+        if not self.running:
+            return True  # an idle engine always takes the head of the queue, so nothing waits forever
+        if len(self.running) + len(group) > self.cap:
+            return False
+        margin = min(self.config.growth_margin, group[0].request.params.max_tokens)
+        need = group[0].num_tokens + len(group) * margin
+        return need <= self.backend.n_ctx - self._committed_cells()
+
+    def _committed_cells(self) -> int:
+        """Cells the running sequences hold once their pending tokens are in."""
+        return self.kv_cells_used() + sum(s.num_pending for s in self.running if s.copy_from is None)
+
+    def _start(self, seq: Sequence) -> None:
+        seq.seq_id = self.free_ids.pop()
+        seq.status = SeqStatus.RUNNING
+        seq.admitted = next(self._admissions)
+        if seq.sampler is None:
+            params = seq.request.params
+            seq.sampler = self.backend.new_sampler(params)
+            seq.detokenizer = IncrementalDetokenizer(self.backend.token_bytes)
+            seq.stops = StopMatcher(params.stop)
+        self.running.append(seq)
+
+    def _share_prefixes(self) -> None:
+        """Copy a leader's prompt cells (all but the last token) to the group members waiting on it."""
+        for leader in self.running:
+            shared = len(leader.prompt) - 1
+            if not leader.followers or leader.num_computed < shared:
+                continue
+            prefix = SharedPrefix(leader, shared)
+            leader.prefix = prefix
+            for f in leader.followers:
+                self.backend.seq_copy(leader.seq_id, f.seq_id, shared)
+                f.num_computed, f.prefix, f.copy_from = shared, prefix, None
+            leader.followers = []
+
+    # --- planning ------------------------------------------------------------------------------
+    def _plan(self) -> tuple[BatchPlan, list[Sequence]]:
+        plan, seqs = BatchPlan(), []
+        for seq in self.running:  # decode first: one token for every generating sequence
+            if seq.is_generating:
+                plan.add(BatchItem(seq.seq_id, seq.num_computed, [seq.output[-1]], True))
+                seqs.append(seq)
+        budget = self.backend.n_batch - plan.num_tokens
+        for seq in self.running:  # then prompt chunks, oldest first, within the token budget
+            if budget <= 0:
+                break
+            if seq.is_generating or seq.copy_from is not None:
+                continue
+            end = len(seq.prompt) - 1 if seq.followers else seq.num_tokens
+            n = min(budget, end - seq.num_computed)
+            if n <= 0:
+                continue
+            start = seq.num_computed
+            plan.add(BatchItem(seq.seq_id, start, seq.tokens(start, start + n), start + n == seq.num_tokens))
+            seqs.append(seq)
+            budget -= n
+        return plan, seqs
+
+    # --- results -------------------------------------------------------------------------------
+    def _accept(self, seq: Sequence, token: int) -> None:
+        if self.backend.is_eog(token):
+            self._finish(seq, FinishReason.STOP, token_ids=[token])
+            return
+        seq.output.append(token)
+        text, stopped = seq.stops.feed(seq.detokenizer.add(token))
+        if stopped:
+            self._finish(seq, FinishReason.STOP, text, [token], flush=False)
+        elif len(seq.output) >= seq.request.params.max_tokens or seq.num_tokens >= self.config.ctx_size:
+            self._finish(seq, FinishReason.LENGTH, text, [token])
+        else:
+            self._out.append((seq.request, seq.text_event(token, text)))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,
+                flush: bool = True) -> None:
+        if flush and seq.detokenizer is not None:
+            text += seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.flush()
+        self._release(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        if seq.sampler is not None:
+            seq.sampler.close()
+        event = seq.final_event(text, token_ids or [])
+        request = seq.request
+        request.num_unfinished -= 1
+        if request.num_unfinished == 0:
+            event.usage, event.error = request.usage(), request.error
+            self.requests.pop(request.request_id, None)
+        self._out.append((request, event))
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back the seq_id and KV cells; group members still waiting on it go their own way."""
+        if seq.seq_id is None:
+            return
+        self.backend.seq_remove(seq.seq_id)
+        self.free_ids.append(seq.seq_id)
+        self.running.remove(seq)
+        for f in seq.followers:
+            f.copy_from = None
+        if seq.copy_from is not None:
+            seq.copy_from.followers.remove(seq)
+        seq.seq_id, seq.followers, seq.copy_from, seq.prefix, seq.num_computed = None, [], None, None, 0
+
+    # --- pressure and failure ------------------------------------------------------------------
+    def _on_kv_full(self, plan: BatchPlan) -> None:
+        """The cache had no room for this batch: drop any partial writes, then preempt the newest."""
+        for item in plan.items:
+            self.backend.seq_remove(item.seq_id, item.start_pos)
+        if len(self.running) > 1:
+            self.preempt(max(self.running, key=lambda s: s.admitted))
+        else:
+            log.warning("seq=%s does not fit in %d KV cells alone", self.running[0].seq_id, self.backend.n_ctx)
+            self._finish(self.running[0], FinishReason.LENGTH)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's cells and queue it first; it recomputes its KV when it resumes."""
+        log.info("seq=%d preempted at %d tokens", seq.seq_id, seq.num_tokens)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft([seq])
+
+    def _fail(self, requests: set[Request], message: str) -> None:
+        for request in requests:
+            request.error = message
+            self._unqueue(request)
+            for seq in request.sequences:
+                if seq.status != SeqStatus.FINISHED:
+                    self._finish(seq, FinishReason.ERROR)
+
+    def _unqueue(self, request: Request) -> None:
+        for group in [g for g in self.waiting if g[0].request is request]:
+            self.waiting.remove(group)
+            self.num_dequeued += group[0].admitted < 0
+
+    def _take_out(self) -> list[Delivery]:
+        out, self._out = self._out, []
+        return out

@@ -1,0 +1,106 @@
+"""The scheduler's view of one sequence: its tokens, where its KV stands, and its text output."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from parallama.batching.events import Event, Usage
+from parallama.sequences import Sampler, SamplingParams
+from parallama.sequences.detokenizer import IncrementalDetokenizer
+from parallama.sequences.stops import StopMatcher
+
+_arrivals = itertools.count()
+
+
+class SeqStatus(enum.IntEnum):
+    WAITING = enum.auto()  # queued, holds no seq_id (new, or preempted and waiting to resume)
+    RUNNING = enum.auto()  # holds a seq_id; computes its prompt in chunks, then one token a step
+    FINISHED = enum.auto()
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(eq=False, slots=True)
+class SharedPrefix:
+    """Prompt cells decoded once by a group's leader and copied (``seq_cp``) to the others."""
+
+    leader: Sequence
+    length: int
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One client request: n sequences over the same prompt, and where its events go."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    n: int
+    sink: tuple  # (event loop, asyncio.Queue) that receives this request's Events
+    sequences: list[Sequence] = field(default_factory=list)
+    num_unfinished: int = 0
+    error: str | None = None
+
+    def usage(self) -> Usage:
+        completion = sum(len(s.output) for s in self.sequences)
+        return Usage(prompt_tokens=len(self.prompt), completion_tokens=completion)
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    request: Request
+    index: int
+    sampler: Sampler | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    output: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    seq_id: int | None = None
+    num_computed: int = 0  # tokens of prompt + output already in this sequence's KV cells
+    prefix: SharedPrefix | None = None  # set while its first cells are shared with its group
+    copy_from: Sequence | None = None  # a group member waiting for the leader's prompt cells
+    followers: list[Sequence] = field(default_factory=list)  # members waiting on this leader
+    admitted: int = -1  # admission order; the newest is preempted first
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt) + len(self.output)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in KV: a prompt still to prefill, or the one token sampled last step."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_generating(self) -> bool:
+        return bool(self.output) and self.num_pending == 1
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        n_prompt = len(self.request.prompt)
+        if stop <= n_prompt:
+            return self.request.prompt[start:stop]
+        return (self.request.prompt + self.output)[start:stop]
+
+    def own_cells(self) -> int:
+        return self.num_computed - (self.prefix.length if self.prefix else 0)
+
+    def text_event(self, token: int, delta: str) -> Event:
+        return Event(index=self.index, text=delta, token_ids=[token])
+
+    def final_event(self, text: str, token_ids: list[int]) -> Event:
+        reason = self.finish_reason.value if self.finish_reason else None
+        return Event(index=self.index, text=text, token_ids=token_ids, finish_reason=reason)

@@ -1,0 +1,44 @@
+"""How the llama context is built. Field names are llama.cpp's own, so users recognise them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes per element of the KV cache types a user may choose (ggml block size / elements per block).
+CACHE_TYPES: dict[str, tuple[int, float]] = {
+    # name: (ggml type id, bytes per element)
+    "f32": (0, 4.0),
+    "f16": (1, 2.0),
+    "bf16": (30, 2.0),
+    "q8_0": (8, 34 / 32),
+    "q5_1": (7, 24 / 32),
+    "q5_0": (6, 22 / 32),
+    "q4_1": (3, 20 / 32),
+    "q4_0": (2, 18 / 32),
+    "iq4_nl": (20, 18 / 32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    n_ctx: int  # KV cells shared by all sequences (the unified cache)
+    n_seq_max: int  # llama seq_ids, the most sequences that can run at once
+    n_batch: int = 512  # most tokens one llama_decode carries
+    n_ubatch: int = 512
+    n_threads: int = 2
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+
+    def __post_init__(self) -> None:
+        for name in (self.cache_type_k, self.cache_type_v):
+            if name not in CACHE_TYPES:
+                raise ValueError(f"unknown cache type {name!r}; choose from {', '.join(CACHE_TYPES)}")
+        if self.n_seq_max > self.n_batch:
+            raise ValueError(f"n_seq_max={self.n_seq_max} must not exceed n_batch={self.n_batch}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: str
+    n_gpu_layers: int = 0  # -1: every layer
+    use_extra_bufts: bool = False  # llama.cpp's weight repacking (AMX and others); see model.py

@@ -1,0 +1,140 @@
+"""A pure-Python backend with the same interface as ``LlamaBackend``, for scheduler tests.
+
+Tokens are deterministic: each sampled token is the previous token of that sequence plus one, so a
+test can predict every output. KV cells are tracked as llama.cpp does (a cell copied with
+``seq_copy`` is shared until every sequence holding it lets go), and ``decode`` answers
+``NO_KV_SLOT`` when the cells run out, or on the decode calls a test lists in ``fail_decodes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from parallama.sequences.backend import BackendError, BatchPlan, DecodeOutcome, ModelFacts
+from parallama.sequences.params import SamplingParams
+
+EOS = 1
+FIRST_TEXT_TOKEN = 2
+VOCAB = 28  # EOS, a spare, and the letters a-z
+
+
+def letter_token(char: str) -> int:
+    return FIRST_TEXT_TOKEN + (ord(char) - ord("a")) % 26
+
+
+@dataclass
+class FakeSampler:
+    backend: FakeBackend
+    params: SamplingParams
+    num_sampled: int = 0
+
+    def sample(self, logits_index: int) -> int:
+        seq_id = self.backend.logits_seq[logits_index]
+        self.num_sampled += 1
+        if self.backend.eos_after is not None and self.num_sampled > self.backend.eos_after:
+            return EOS
+        last = self.backend.kv_tokens(seq_id)[-1]
+        return FIRST_TEXT_TOKEN + (last - FIRST_TEXT_TOKEN + 1) % 26
+
+    def close(self) -> None:
+        self.backend.closed_samplers += 1
+
+
+@dataclass
+class FakeBackend:
+    n_ctx: int = 256
+    n_seq_max: int = 4
+    n_batch: int = 32
+    eos_after: int | None = None  # sample EOS after this many tokens of a sequence
+    fail_decodes: set[int] = field(default_factory=set)  # decode call numbers (1-based) that fail
+    decode_calls: int = 0
+    closed_samplers: int = 0
+    plans: list[BatchPlan] = field(default_factory=list)
+    logits_seq: dict[int, int] = field(default_factory=dict)
+    # Cells: each seq holds a list of cell ids; a cell is free when no seq holds it.
+    _seq_cells: dict[int, list[int]] = field(default_factory=dict)
+    _cell_tokens: dict[int, int] = field(default_factory=dict)
+    _cell_refs: dict[int, int] = field(default_factory=dict)
+    _next_cell: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self.facts = ModelFacts(
+            name="fake", path="fake.gguf", n_vocab=VOCAB, n_ctx_train=4096, n_layer=1,
+            weights_bytes=1 << 20, kv_bytes_per_token=1024, chat_template=None, bos_token="", eos_token="",
+        )
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return [letter_token(c) for c in text.lower() if c.isalpha()]
+
+    def token_bytes(self, token: int) -> bytes:
+        if token < FIRST_TEXT_TOKEN:
+            return b""
+        return chr(ord("a") + token - FIRST_TEXT_TOKEN).encode()
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    # --- decoding -----------------------------------------------------------------------------
+    def decode(self, plan: BatchPlan) -> DecodeOutcome:
+        self.decode_calls += 1
+        self.plans.append(plan)
+        if plan.num_tokens > self.n_batch:
+            raise BackendError(f"batch of {plan.num_tokens} tokens exceeds n_batch={self.n_batch}")
+        if self.decode_calls in self.fail_decodes or self.cells_used + plan.num_tokens > self.n_ctx:
+            return DecodeOutcome.NO_KV_SLOT
+        self.logits_seq = {}
+        for item, row in zip(plan.items, plan.logits_index):
+            cells = self._seq_cells.setdefault(item.seq_id, [])
+            if item.start_pos != len(cells):
+                raise BackendError(f"seq {item.seq_id}: decode at {item.start_pos}, KV holds {len(cells)}")
+            for token in item.token_ids:
+                cells.append(self._new_cell(token))
+            if item.wants_logits:
+                self.logits_seq[row] = item.seq_id
+        return DecodeOutcome.OK
+
+    def new_sampler(self, params: SamplingParams) -> FakeSampler:
+        return FakeSampler(self, params)
+
+    # --- KV -----------------------------------------------------------------------------------
+    @property
+    def cells_used(self) -> int:
+        return len(self._cell_refs)
+
+    def kv_tokens(self, seq_id: int) -> list[int]:
+        return [self._cell_tokens[c] for c in self._seq_cells.get(seq_id, [])]
+
+    def seq_remove(self, seq_id: int, from_pos: int = 0) -> None:
+        cells = self._seq_cells.get(seq_id, [])
+        for cell in cells[from_pos:]:
+            self._release(cell)
+        del cells[from_pos:]
+
+    def seq_copy(self, src: int, dst: int, n_tokens: int) -> None:
+        copied = self._seq_cells[src][:n_tokens]
+        for cell in copied:
+            self._cell_refs[cell] += 1
+        self._seq_cells[dst] = list(copied)
+
+    def seq_save(self, seq_id: int) -> bytes:
+        return bytes(self.kv_tokens(seq_id))
+
+    def seq_restore(self, seq_id: int, data: bytes) -> None:
+        self.seq_remove(seq_id)
+        self._seq_cells[seq_id] = [self._new_cell(t) for t in data]
+
+    def close(self) -> None:
+        pass
+
+    def _new_cell(self, token: int) -> int:
+        cell = next(self._next_cell)
+        self._cell_tokens[cell] = token
+        self._cell_refs[cell] = 1
+        return cell
+
+    def _release(self, cell: int) -> None:
+        self._cell_refs[cell] -= 1
+        if self._cell_refs[cell] == 0:
+            del self._cell_refs[cell], self._cell_tokens[cell]
