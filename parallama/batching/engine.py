@@ -60,7 +60,11 @@ class RequestStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
         if not self.done:
+            self.done = True
             self._engine.cancel(self.request_id)
 
 
@@ -119,9 +123,12 @@ class Engine:
         """Requests submitted that have not yet taken a sequence (or left the queue otherwise)."""
         return self._submitted - self.scheduler.num_dequeued
 
+    # Tokenizing reads the model's vocabulary only, never the context: safe beside the worker.
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        # Reads the model's vocabulary only, never the context: safe beside the worker.
         return self.backend.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 
     # --- the worker's side ---------------------------------------------------------------------
     def _send(self, command: Callable[[], list[Delivery] | None]) -> None:

@@ -21,8 +21,9 @@ _llama_log = logging.getLogger("llama.cpp")
 
 @llama_cpp.llama_log_callback
 def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # llama.cpp's chatter goes to the "llama.cpp" logger at DEBUG; its errors stay visible.
-    if level == 3:
+    # llama.cpp's chatter (and its warnings, such as n_ctx_seq > n_ctx_train, which a unified cache
+    # trips on purpose) goes to the "llama.cpp" logger at DEBUG; its errors (ggml level 4) stay visible.
+    if level == 4:
         _llama_log.error(text.decode("utf-8", "replace").rstrip())
     elif _llama_log.isEnabledFor(logging.DEBUG):
         _llama_log.debug(text.decode("utf-8", "replace").rstrip())
@@ -34,6 +35,11 @@ llama_cpp.llama_backend_init()
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 class LlamaModel:

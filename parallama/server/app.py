@@ -1,0 +1,54 @@
+"""The FastAPI application: routes, error shapes, and a lifespan that loads the model off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from parallama import __version__
+from parallama.server import routes_meta, routes_openai
+from parallama.server.errors import install_error_handlers
+from parallama.server.settings import Settings
+from parallama.server.state import Served
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[Settings], Served]
+
+
+def create_app(settings: Settings, build: Builder | None = None) -> FastAPI:
+    """``build`` loads the model and starts the engine (``runtime.build`` unless a test injects one).
+    It runs in a thread, so /health answers 503 while the model loads."""
+    if build is None:
+        from parallama.server.runtime import build
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.served = None
+        app.state.load_error = None
+        loading = asyncio.create_task(_load(app, settings, build))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            if app.state.served is not None:
+                await asyncio.to_thread(app.state.served.engine.shutdown)
+
+    app = FastAPI(title="parallama", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_meta.router)
+    return app
+
+
+async def _load(app: FastAPI, settings: Settings, build: Builder) -> None:
+    try:
+        app.state.served = await asyncio.to_thread(build, settings)
+    except Exception as exc:
+        app.state.load_error = str(exc)
+        log.error("could not load the model: %s", exc)

@@ -1,0 +1,51 @@
+"""``parallama serve``: flags generated from Settings, so each flag, its env variable and its help agree."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+import uvicorn
+
+from parallama import __version__
+from parallama.server.settings import Settings
+
+log = logging.getLogger("parallama")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parallama", description="A local OpenAI-compatible LLM server "
+                                     "that runs many sequences at once.")
+    parser.add_argument("--version", action="version", version=f"parallama {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="load a model and serve the OpenAI API",
+                                description="Every flag can also be set with the environment variable shown.")
+    for name, field in Settings.model_fields.items():
+        env = f"PARALLAMA_{name.upper()}"
+        default = "" if field.default is None else f"; default {field.default}"
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        serve.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, choices=choices, metavar=name.upper(),
+                           help=f"{field.description} [env {env}{default}]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    settings = Settings(**given)  # flags win over PARALLAMA_* variables, which win over defaults
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from parallama.server.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

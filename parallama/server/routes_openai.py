@@ -1,0 +1,106 @@
+"""POST /v1/chat/completions and POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from parallama.batching import RequestStream
+from parallama.server import generation as gen
+from parallama.server.errors import InvalidRequest
+from parallama.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from parallama.server.state import Served, served
+from parallama.server.streaming import ChunkWriter, chat_events, completion_events, usage_dict
+
+router = APIRouter()
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    s = _checked(http, body)
+    text = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
+    prompt = s.engine.tokenize(text, add_special=True, parse_special=True)
+    requested = body.max_completion_tokens or body.max_tokens
+    params = gen.sampling_params(body, gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None), s.n_vocab)
+    n = _n(body, s)
+    head = _head("chatcmpl", "chat.completion", s)
+    stream = gen.submit(s.engine, prompt, params, n)
+    if body.stream:
+        writer = ChunkWriter({**head, "object": "chat.completion.chunk"}, _include_usage(body))
+        return StreamingResponse(chat_events([stream], n, writer), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    outcome = await gen.collect([stream], n, http)
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(outcome.choices)]
+    return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request):
+    s = _checked(http, body)
+    prompts = _prompt_tokens(body, s)
+    n = _n(body, s)
+    max_tokens = [gen.resolve_max_tokens(body.max_tokens, len(p), s.ctx_size, COMPLETIONS_DEFAULT_MAX_TOKENS)
+                  for p in prompts]
+    streams: list[RequestStream] = []
+    try:
+        for prompt, limit in zip(prompts, max_tokens):
+            streams.append(gen.submit(s.engine, prompt, gen.sampling_params(body, limit, s.n_vocab), n))
+    except Exception:
+        for stream in streams:
+            stream.cancel()
+        raise
+    echoes = [s.engine.detokenize(p) if body.echo else "" for p in prompts for _ in range(n)]
+    head = _head("cmpl", "text_completion", s)
+    if body.stream:
+        writer = ChunkWriter(head, _include_usage(body))
+        return StreamingResponse(completion_events(streams, n, writer, echoes), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    outcome = await gen.collect(streams, n, http)
+    choices = [{"index": i, "text": echoes[i] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
+               for i, c in enumerate(outcome.choices)]
+    return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
+
+
+def _checked(http: Request, body: SamplingFields) -> Served:
+    s = served(http)
+    s.check_model(body.model)
+    gen.check_supported(body)
+    return s
+
+
+def _n(body: SamplingFields, s: Served) -> int:
+    n = body.n or 1
+    cap = s.engine.backend.n_seq_max
+    if n > cap:
+        raise InvalidRequest(f"n={n} is more than the {cap} sequences this server runs at once", "n")
+    return n
+
+
+def _prompt_tokens(body: CompletionRequest, s: Served) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts = [s.engine.tokenize(prompt, add_special=True, parse_special=True)]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [s.engine.tokenize(p, add_special=True, parse_special=True) for p in prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    for tokens in prompts:
+        gen.check_prompt_tokens(tokens, s.n_vocab)
+    return prompts
+
+
+def _include_usage(body: SamplingFields) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _head(prefix: str, obj: str, s: Served) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": s.model_id,
+            "system_fingerprint": None}

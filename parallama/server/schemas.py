@@ -1,0 +1,124 @@
+"""OpenAI request bodies (pydantic). Responses are plain dicts built in the routes: cheaper per token.
+
+Fields we do not implement are declared so that a request using them gets a clear 400 instead of
+being silently ignored; fields nobody declared are dropped, never passed through to llama.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 4
+MAX_STOP_LENGTH = 256
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions. ``None`` means the default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="llama.cpp extension; 0 = off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="llama.cpp extension")
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0, description="llama.cpp extension")
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    n: int | None = Field(None, ge=1, le=256)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=512)
+    # Declared only to refuse them clearly (see UNSUPPORTED).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for stop in [value] if isinstance(value, str) else value or []:
+            if len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(f"each stop string must be at most {MAX_STOP_LENGTH} characters")
+        return value
+
+    def unsupported_field(self) -> str | None:
+        """The first field set that this server does not implement, if any."""
+        for name, allowed in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                return name
+        return None
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+# Field -> values that mean "not used" (accepted because clients send them by default).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        union_mode="left_to_right",
+    )
+    echo: bool | None = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value

@@ -1,0 +1,54 @@
+"""Every knob of the server, in one pydantic-settings object: a CLI flag and a PARALLAMA_ variable each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+
+
+def _auto_or_positive(value: object) -> int | None:
+    """'auto' (or nothing) means: let the server size it from the memory it finds."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    number = int(value)  # type: ignore[arg-type]
+    if number < 1:
+        raise ValueError("must be a positive integer or 'auto'")
+    return number
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARALLAMA_", extra="ignore")
+
+    # model
+    model: Path | None = Field(None, description="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)")
+    model_alias: str | None = Field(None, description="model id clients use (default: the GGUF file name)")
+    n_gpu_layers: int | None = Field(None, ge=-1, description="layers on the GPU; -1 all (default: all when a GPU is present, else 0)")
+    # sequences and KV
+    parallel: int | None = Field(None, description="most sequences that run at once (default: auto, from free memory)")
+    max_parallel: int = Field(16, ge=1, le=256, description="upper bound for --parallel auto")
+    ctx_size: int = Field(2048, ge=64, description="context of ONE sequence: prompt + answer tokens")
+    kv_size: int | None = Field(None, description="cells in the shared KV cache (default: auto, at most parallel x ctx-size)")
+    batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
+    ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")
+    cache_type_k: CacheType = Field("f16", description="K cache type")
+    cache_type_v: CacheType = Field("f16", description="V cache type (quantized types need flash attention)")
+    # serving
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a sequence before 503 server_is_overloaded")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("parallel", "kv_size", mode="before")
+    @classmethod
+    def _auto(cls, value: object) -> int | None:
+        return _auto_or_positive(value)
+
+    @property
+    def n_batch(self) -> int:
+        return self.batch_size

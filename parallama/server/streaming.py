@@ -1,0 +1,85 @@
+"""Server-sent events in OpenAI's exact chunk shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from parallama.batching import RequestStream, Usage
+from parallama.server.generation import merged
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def error_event(message: str) -> str:
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+class ChunkWriter:
+    """Builds the chunks of one streamed response; ``choice`` fills in the endpoint's own fields."""
+
+    def __init__(self, head: dict[str, Any], include_usage: bool) -> None:
+        self.head = head
+        self.include_usage = include_usage
+
+    def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        payload = {**self.head, "choices": choices}
+        if self.include_usage:
+            payload["usage"] = usage_dict(usage) if usage else None
+        return sse(payload)
+
+
+async def chat_events(streams: list[RequestStream], n: int, writer: ChunkWriter) -> AsyncIterator[str]:
+    for index in range(len(streams) * n):
+        writer_choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+        yield writer.chunk([writer_choice])
+    async for text in _events(streams, n, writer, _chat_choice):
+        yield text
+
+
+async def completion_events(streams: list[RequestStream], n: int, writer: ChunkWriter,
+                            echoes: list[str]) -> AsyncIterator[str]:
+    for index, echo in enumerate(echoes):
+        if echo:
+            yield writer.chunk([_completion_choice(index, echo, None)])
+    async for text in _events(streams, n, writer, _completion_choice):
+        yield text
+
+
+async def _events(streams, n, writer, make_choice) -> AsyncIterator[str]:
+    prompt = completion = 0
+    async for index, event in merged(streams, n):
+        if event.error:
+            yield error_event("the engine failed while generating this request")
+            yield DONE
+            return
+        if event.text:
+            yield writer.chunk([make_choice(index, event.text, None)])
+        if event.finish_reason:
+            yield writer.chunk([make_choice(index, "", event.finish_reason)])
+        if event.usage:
+            prompt += event.usage.prompt_tokens
+            completion += event.usage.completion_tokens
+    if writer.include_usage:
+        yield writer.chunk([], Usage(prompt, completion))
+    yield DONE
+
+
+def _chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    delta = {"content": text} if text else {}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
