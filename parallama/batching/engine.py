@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -95,8 +96,10 @@ class Engine:
         self._thread.join(timeout)
 
     # --- the event loop's side -----------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1) -> RequestStream:
-        """Queue a request. Call on the event loop that will read the stream."""
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1,
+               timeout: float | None = None) -> RequestStream:
+        """Queue a request. Call on the event loop that will read the stream. After ``timeout``
+        seconds it finishes with what it has generated."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         with self._submit_lock:
@@ -106,6 +109,8 @@ class Engine:
         request_id = f"req-{next(_request_ids)}"
         stream = RequestStream(self, request_id)
         request = Request(request_id, list(prompt), params, n, (asyncio.get_running_loop(), stream.queue))
+        if timeout is not None:
+            request.deadline = time.monotonic() + timeout
         self._send(lambda: self.scheduler.add(request))
         return stream
 
@@ -117,6 +122,11 @@ class Engine:
         future: asyncio.Future[EngineStatus] = loop.create_future()
         self._send(lambda: loop.call_soon_threadsafe(future.set_result, snapshot(self)) and None)
         return await future
+
+    @property
+    def is_idle(self) -> bool:
+        """No request queued or running, and no command waiting for the worker."""
+        return not self._commands and not self.scheduler.has_work
 
     @property
     def num_queued(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class Scheduler:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> list[Delivery]:
+        self._expire(time.monotonic())
         self._admit()
         self._share_prefixes()
         plan, seqs = self._plan()
@@ -100,6 +102,14 @@ class Scheduler:
             seq.num_computed += len(item.token_ids)
             if item.wants_logits:
                 self._accept(seq, seq.sampler.sample(row))
+
+    def _expire(self, now: float) -> None:
+        """Requests past their deadline finish with what they have (finish_reason "length")."""
+        for request in [r for r in self.requests.values() if r.deadline is not None and r.deadline <= now]:
+            self._unqueue(request)
+            for seq in request.sequences:
+                if seq.status != SeqStatus.FINISHED:
+                    self._finish(seq, FinishReason.LENGTH)
 
     # --- admission -----------------------------------------------------------------------------
     def _admit(self) -> None:

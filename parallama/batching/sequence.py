@@ -47,6 +47,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
     error: str | None = None
+    deadline: float | None = None  # time.monotonic() after which it ends with what it has
 
     def usage(self) -> Usage:
         completion = sum(len(s.output) for s in self.sequences)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from parallama import __version__
 from parallama.server import routes_meta, routes_openai
 from parallama.server.errors import install_error_handlers
+from parallama.server.guard import Guard
 from parallama.server.settings import Settings
 from parallama.server.state import Served
 
@@ -40,6 +41,15 @@ def create_app(settings: Settings, build: Builder | None = None) -> FastAPI:
 
     app = FastAPI(title="parallama", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.draining = False
+    app.add_middleware(
+        Guard,
+        api_key=settings.resolved_api_key(),
+        bind_host=settings.host,
+        allowed_hosts=frozenset(settings.allowed_hosts),
+        max_body_bytes=settings.max_body_bytes,
+        draining=lambda: app.state.draining,
+    )
     install_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_meta.router)

@@ -7,8 +7,6 @@ import logging
 import sys
 import typing
 
-import uvicorn
-
 from parallama import __version__
 from parallama.server.settings import Settings
 
@@ -40,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if k != "command"}
     settings = Settings(**given)  # flags win over PARALLAMA_* variables, which win over defaults
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from parallama.server.app import create_app
+    from parallama.server.serve import serve
 
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    serve(settings)
     return 0
 
 

@@ -48,6 +48,12 @@ class ModelNotFound(APIError):
     code = "model_not_found"
 
 
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class Overloaded(APIError):
     status = 503
     type = "server_error"
@@ -81,6 +87,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, APIError):  # FastAPI wraps errors raised while it reads the body
+        return await _api_error(request, exc.__cause__)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     body = error_body(str(exc.detail), type_, None, codes.get(exc.status_code))

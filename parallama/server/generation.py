@@ -87,9 +87,10 @@ def check_prompt_tokens(tokens: list[int], n_vocab: int) -> None:
         raise InvalidRequest(f"prompt token ids must be in [0, {n_vocab})", "prompt")
 
 
-def submit(engine: Engine, prompt: list[int], params: SamplingParams, n: int) -> RequestStream:
+def submit(engine: Engine, prompt: list[int], params: SamplingParams, n: int,
+           timeout: float | None = None) -> RequestStream:
     try:
-        return engine.submit(prompt, params, n)
+        return engine.submit(prompt, params, n, timeout)
     except QueueFull as exc:
         raise Overloaded(f"the server is busy ({exc}); retry shortly",
                          headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc

@@ -29,7 +29,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     params = gen.sampling_params(body, gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None), s.n_vocab)
     n = _n(body, s)
     head = _head("chatcmpl", "chat.completion", s)
-    stream = gen.submit(s.engine, prompt, params, n)
+    stream = gen.submit(s.engine, prompt, params, n, s.request_timeout)
     if body.stream:
         writer = ChunkWriter({**head, "object": "chat.completion.chunk"}, _include_usage(body))
         return StreamingResponse(chat_events([stream], n, writer), media_type="text/event-stream",
@@ -50,7 +50,7 @@ async def completions(body: CompletionRequest, http: Request):
     streams: list[RequestStream] = []
     try:
         for prompt, limit in zip(prompts, max_tokens):
-            streams.append(gen.submit(s.engine, prompt, gen.sampling_params(body, limit, s.n_vocab), n))
+            streams.append(gen.submit(s.engine, prompt, gen.sampling_params(body, limit, s.n_vocab), n, s.request_timeout))
     except Exception:
         for stream in streams:
             stream.cancel()

@@ -51,4 +51,4 @@ def build(settings: Settings) -> Served:
     log.info("loaded %s from %s: %s", model_id, path, plan)
     facts = backend.facts
     template = ChatTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
-    return Served(engine, model_id, settings.ctx_size, plan, template, int(time.time()))
+    return Served(engine, model_id, settings.ctx_size, plan, template, int(time.time()), settings.request_timeout)

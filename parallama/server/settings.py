@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
@@ -42,12 +42,31 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     max_queue: int = Field(256, ge=1, description="requests waiting for a sequence before 503 server_is_overloaded")
+    request_timeout: float | None = Field(None, gt=0, description="seconds after which a request ends with what it has (default: none)")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get to finish after SIGTERM")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
+    # security
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 and /status")
+    api_key_file: Path | None = Field(None, description="read the API key from this file")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra Host header names accepted while bound to loopback (comma-separated)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("parallel", "kv_size", mode="before")
     @classmethod
     def _auto(cls, value: object) -> int | None:
         return _auto_or_positive(value)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [h.strip().lower() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file:
+            return self.api_key_file.read_text().strip() or None
+        return None
 
     @property
     def n_batch(self) -> int:

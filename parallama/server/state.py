@@ -21,6 +21,7 @@ class Served:
     plan: str
     template: ChatTemplate
     created: int
+    request_timeout: float | None = None
 
     @property
     def n_vocab(self) -> int:
