@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,8 +71,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# Parts of a pydantic error location that name a union member or a validator, not a field.
+_TAG = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*|[a-z]+-[a-z].*)$")
+
+
 def _param_of(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    parts = [str(p) for p in loc[1:] if not _TAG.match(str(p))] if loc[:1] == ("body",) else []
     return ".".join(parts) or None
 
 
