@@ -61,4 +61,7 @@ async def _load(app: FastAPI, settings: Settings, build: Builder) -> None:
         app.state.served = await asyncio.to_thread(build, settings)
     except Exception as exc:
         app.state.load_error = str(exc)
-        log.error("could not load the model: %s", exc)
+        log.error("could not start: %s", exc)
+        on_error = getattr(app.state, "on_load_error", None)
+        if on_error is not None:
+            on_error()

@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from parallama.server.serve import serve
 
-    serve(settings)
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":

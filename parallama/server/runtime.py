@@ -1,4 +1,4 @@
-"""Build the engine the settings describe: load the model, size the context, start the worker."""
+"""Build the engine the settings describe: read memory, load the model, size the context, start."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 import psutil
 
 from parallama.batching import Engine, EngineConfig
+from parallama.batching.memory import MemoryProbe, MemoryReading, SystemProbe
+from parallama.batching.sizing import SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
 from parallama.sequences.llama_backend import LlamaBackend
 from parallama.sequences.model import LlamaModel, gpu_offload_supported
@@ -18,25 +20,48 @@ from parallama.server.state import Served
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARALLEL = 8
-
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
-def build(settings: Settings) -> Served:
+def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: MemoryReading) -> SizingPlan:
+    facts = model.facts(settings.cache_type_k, settings.cache_type_v)
+    cache_types = settings.cache_type_k if settings.cache_type_k == settings.cache_type_v else (
+        f"{settings.cache_type_k}/{settings.cache_type_v}")
+    return plan_sizing(SizingInput(
+        weights_bytes=facts.weights_bytes,
+        kv_bytes_per_token=facts.kv_bytes_per_token,
+        ctx_size=settings.ctx_size,
+        n_vocab=facts.n_vocab,
+        n_layer=facts.n_layer,
+        n_gpu_layers=n_gpu_layers,
+        parallel=settings.parallel,
+        kv_size=settings.kv_size,
+        max_parallel=settings.max_parallel,
+        reserve_bytes=settings.reserve_bytes,
+        n_batch=settings.batch_size,
+        cache_types=cache_types,
+    ), reading)
+
+
+def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
     path = resolve_model_path(settings.model)
     n_gpu_layers = settings.n_gpu_layers
     if n_gpu_layers is None:
         n_gpu_layers = -1 if gpu_offload_supported() else 0
+    probe = probe or SystemProbe()
+    reading = probe.read()  # before the weights load: sizing counts them itself
     model = LlamaModel(ModelConfig(str(path), n_gpu_layers))
-    parallel = settings.parallel or DEFAULT_PARALLEL
-    kv_size = settings.kv_size or parallel * settings.ctx_size
+    try:
+        plan = size(settings, model, n_gpu_layers, reading)
+    except Exception:
+        model.close()
+        raise
     context = ContextConfig(
-        n_ctx=kv_size,
-        n_seq_max=parallel,
-        n_batch=max(settings.batch_size, parallel),
+        n_ctx=plan.kv_cells,
+        n_seq_max=plan.parallel,
+        n_batch=settings.batch_size,
         n_ubatch=settings.ubatch_size,
         n_threads=settings.threads or default_threads(),
         cache_type_k=settings.cache_type_k,
@@ -46,9 +71,9 @@ def build(settings: Settings) -> Served:
     engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue))
     engine.start()
     model_id = settings.model_alias or path.stem
-    plan = (f"{parallel} sequences x {settings.ctx_size} tokens over {backend.n_ctx:,} KV cells; "
-            f"n_batch {context.n_batch}, {context.n_threads} threads, {n_gpu_layers} GPU layers")
-    log.info("loaded %s from %s: %s", model_id, path, plan)
+    log.info("serving %s: %s; n_batch %d, %d threads, %s", model_id, plan.describe(), context.n_batch,
+             context.n_threads, f"{n_gpu_layers} GPU layers" if n_gpu_layers else "CPU only")
     facts = backend.facts
     template = ChatTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
-    return Served(engine, model_id, settings.ctx_size, plan, template, int(time.time()), settings.request_timeout)
+    return Served(engine, model_id, settings.ctx_size, plan.describe(), template, int(time.time()),
+                  settings.request_timeout)

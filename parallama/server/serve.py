@@ -47,7 +47,8 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Serve until a signal; 0 after a clean shutdown, 1 when the model could not be loaded or sized."""
     from parallama.server.app import create_app
 
     if not is_loopback(settings.host) and settings.resolved_api_key() is None:
@@ -56,4 +57,7 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False)
-    GracefulServer(config, app, settings.shutdown_timeout).run()
+    server = GracefulServer(config, app, settings.shutdown_timeout)
+    app.state.on_load_error = lambda: setattr(server, "should_exit", True)  # fail fast, e.g. a size that cannot fit
+    server.run()
+    return 1 if app.state.load_error else 0

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
+from parallama.batching.memory import parse_size
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     max_parallel: int = Field(16, ge=1, le=256, description="upper bound for --parallel auto")
     ctx_size: int = Field(2048, ge=64, description="context of ONE sequence: prompt + answer tokens")
     kv_size: int | None = Field(None, description="cells in the shared KV cache (default: auto, at most parallel x ctx-size)")
+    memory_reserve: str = Field("1GiB", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB")
     batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
     ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")
@@ -55,6 +57,16 @@ class Settings(BaseSettings):
     @classmethod
     def _auto(cls, value: object) -> int | None:
         return _auto_or_positive(value)
+
+    @field_validator("memory_reserve")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)  # raises ValueError with the accepted forms
+        return value
+
+    @property
+    def reserve_bytes(self) -> int:
+        return parse_size(self.memory_reserve)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
