@@ -17,7 +17,9 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from parallama.batching.degradation import DegradationController
 from parallama.batching.events import Event
+from parallama.batching.memory import MemoryProbe
 from parallama.batching.scheduler import Delivery, Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.batching.status import EngineStatus, snapshot
@@ -70,10 +72,19 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, backend: Backend, config: EngineConfig) -> None:
+    def __init__(self, backend: Backend, config: EngineConfig, probe: MemoryProbe | None = None,
+                 controller: DegradationController | None = None) -> None:
+        """With a probe and a controller, the engine reads memory every ``probe_interval`` seconds
+        and lets the controller resize the KV cache and move the sequence cap while it serves."""
         self.backend = backend
         self.config = config
         self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin))
+        self.probe = probe
+        self.controller = controller
+        self._next_probe = 0.0
+        if controller is not None:
+            self.scheduler.cap = controller.cap
+            self.scheduler.on_kv_full = lambda running: controller.on_kv_full(running, time.monotonic())
         self._commands: deque[Callable[[], list[Delivery] | None]] = deque()
         self._wake = threading.Event()
         self._submitted = 0  # with scheduler.num_dequeued, gives the requests still queued
@@ -146,15 +157,35 @@ class Engine:
         self._wake.set()
 
     def _run(self) -> None:
+        idle_wait = self.controller.config.probe_interval if self.controller else None
         while True:
             self._wake.clear()
             self._drain_commands()
+            self._watch_memory()
             if self._stopping and not self.scheduler.has_work:
                 return
             if not self.scheduler.has_work:
-                self._wake.wait()
+                self._wake.wait(idle_wait)  # wakes to read memory even when idle: it may grow back
                 continue
             _deliver(self.scheduler.step())
+
+    def _watch_memory(self) -> None:
+        if self.controller is None or self.probe is None or time.monotonic() < self._next_probe:
+            return
+        now = time.monotonic()
+        self._next_probe = now + self.controller.config.probe_interval
+        try:
+            resize = self.controller.observe(self.probe.read(), now)
+        except Exception:
+            log.exception("memory probe failed; keeping the current size")
+            return
+        if resize is not None and resize.cells != self.backend.n_ctx:
+            log.warning("memory: %s; KV cache %d -> %d cells, cap %d", self.controller.reason,
+                        self.backend.n_ctx, resize.cells, self.controller.cap)
+            self.scheduler.resize(resize.cells, self.controller.cap)
+        elif self.scheduler.cap != self.controller.cap:
+            log.info("sequence cap %d -> %d (%s)", self.scheduler.cap, self.controller.cap, self.controller.reason)
+            self.scheduler.cap = self.controller.cap
 
     def _drain_commands(self) -> None:
         while self._commands:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from parallama.batching.events import Event
@@ -44,6 +45,9 @@ class Scheduler:
         self.num_steps = 0
         self.num_preemptions = 0
         self.num_dequeued = 0  # requests that left the queue for the first time (admitted or ended)
+        self.num_resizes = 0
+        # Called with the number of running sequences when the KV cache runs out; returns the new cap.
+        self.on_kv_full: Callable[[int], int] | None = None
         self._admissions = itertools.count()
         self._out: list[Delivery] = []
 
@@ -143,12 +147,25 @@ class Scheduler:
         seq.seq_id = self.free_ids.pop()
         seq.status = SeqStatus.RUNNING
         seq.admitted = next(self._admissions)
+        if seq.parked is not None:
+            self._unpark(seq)
         if seq.sampler is None:
             params = seq.request.params
             seq.sampler = self.backend.new_sampler(params)
             seq.detokenizer = IncrementalDetokenizer(self.backend.token_bytes)
             seq.stops = StopMatcher(params.stop)
         self.running.append(seq)
+
+    def _unpark(self, seq: Sequence) -> None:
+        """Put a preempted sequence's saved KV back; if it does not fit, it recomputes instead."""
+        try:
+            self.backend.seq_restore(seq.seq_id, seq.parked)
+            seq.num_computed = seq.parked_tokens
+        except BackendError as exc:
+            log.warning("seq=%d could not be restored (%s); recomputing its %d tokens", seq.seq_id, exc,
+                        seq.parked_tokens)
+            self.backend.seq_remove(seq.seq_id)
+        seq.parked, seq.parked_tokens = None, 0
 
     def _share_prefixes(self) -> None:
         """Copy a leader's prompt cells (all but the last token) to the group members waiting on it."""
@@ -231,23 +248,39 @@ class Scheduler:
 
     # --- pressure and failure ------------------------------------------------------------------
     def _on_kv_full(self, plan: BatchPlan) -> None:
-        """The cache had no room for this batch: drop any partial writes, then preempt the newest."""
+        """The cache had no room for this batch: drop any partial writes, lower the cap, and park the
+        newest sequence. The batch runs again next step without it."""
         for item in plan.items:
             self.backend.seq_remove(item.seq_id, item.start_pos)
         if len(self.running) > 1:
+            if self.on_kv_full is not None:
+                self.cap = self.on_kv_full(len(self.running))
             self.preempt(max(self.running, key=lambda s: s.admitted))
         else:
             log.warning("seq=%s does not fit in %d KV cells alone", self.running[0].seq_id, self.backend.n_ctx)
             self._finish(self.running[0], FinishReason.LENGTH)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's cells and queue it first; it recomputes its KV when it resumes."""
+        """Park a running sequence's KV in host memory, free its cells and seq_id, and queue it first.
+        Restored bit for bit when it resumes, so its output is the same as without the preemption."""
         log.info("seq=%d preempted at %d tokens", seq.seq_id, seq.num_tokens)
+        if seq.num_computed:
+            seq.parked, seq.parked_tokens = self.backend.seq_save(seq.seq_id), seq.num_computed
         self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft([seq])
+
+    def resize(self, n_ctx: int, cap: int) -> None:
+        """Rebuild the KV cache with ``n_ctx`` cells: park everything that runs, rebuild, and let
+        admission restore the parked sequences, oldest first, as room allows."""
+        for seq in sorted(self.running, key=lambda s: s.admitted, reverse=True):
+            self.preempt(seq)
+        self.backend.resize(n_ctx)
+        self.cap = cap
+        self.num_resizes += 1
+        log.info("KV cache resized to %d cells, cap %d", self.backend.n_ctx, cap)
 
     def _fail(self, requests: set[Request], message: str) -> None:
         for request in requests:

@@ -71,6 +71,8 @@ class Sequence:
     admitted: int = -1  # admission order; the newest is preempted first
     arrival: int = field(default_factory=lambda: next(_arrivals))
     num_preemptions: int = 0
+    parked: bytes | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
+    parked_tokens: int = 0
     finish_reason: FinishReason | None = None
 
     @property

@@ -45,6 +45,11 @@ def snapshot(engine: Engine) -> EngineStatus:
         else:
             state = "generating" if seq.output else "prefill"
             slots.append(SlotStatus(seq_id, state, seq.num_computed, seq.request.request_id))
+    extra = {}
+    if engine.controller is not None:
+        extra["memory"] = engine.controller.describe()
+        extra["degradation"] = {"reason": engine.controller.reason, "preemptions": sched.num_preemptions,
+                                "resizes": sched.num_resizes}
     return EngineStatus(
         cap=sched.cap,
         active=len(sched.running),
@@ -55,4 +60,5 @@ def snapshot(engine: Engine) -> EngineStatus:
         steps=sched.num_steps,
         decode_calls=engine.backend.decode_calls,
         preemptions=sched.num_preemptions,
+        extra=extra,
     )

@@ -123,7 +123,15 @@ class FakeBackend:
 
     def seq_restore(self, seq_id: int, data: bytes) -> None:
         self.seq_remove(seq_id)
+        if self.cells_used + len(data) > self.n_ctx:
+            raise BackendError(f"seq {seq_id}: no room to restore {len(data)} cells")
         self._seq_cells[seq_id] = [self._new_cell(t) for t in data]
+
+    def resize(self, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+        self._seq_cells.clear()
+        self._cell_tokens.clear()
+        self._cell_refs.clear()
 
     def close(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 
 import llama_cpp
@@ -48,11 +49,11 @@ class LlamaBackend:
         self.n_batch = config.n_batch
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
 
-    def rebuild(self, config: ContextConfig) -> None:
-        """Replace the context (and its KV cache) with one of another size; the model stays loaded.
+    def resize(self, n_ctx: int) -> None:
+        """Replace the context (and its KV cache) with one of ``n_ctx`` cells; the model stays loaded.
         Every sequence's cells are lost: the caller parks what it wants to keep first."""
         self._close_context()
-        self._open(config)
+        self._open(dataclasses.replace(self.config, n_ctx=n_ctx))
 
     def _close_context(self) -> None:
         if self.ctx:

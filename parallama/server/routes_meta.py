@@ -51,4 +51,5 @@ async def status(http: Request) -> dict:
         "queue": {"waiting": st.waiting},
         "kv": {"cells_total": st.cells_total, "cells_used": st.cells_used},
         "engine": {"steps": st.steps, "decode_calls": st.decode_calls, "preemptions": st.preemptions},
+        **st.extra,  # "memory" and "degradation" when the controller runs
     }

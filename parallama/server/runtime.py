@@ -8,6 +8,7 @@ import time
 import psutil
 
 from parallama.batching import Engine, EngineConfig
+from parallama.batching.degradation import DegradationConfig, DegradationController
 from parallama.batching.memory import MemoryProbe, MemoryReading, SystemProbe
 from parallama.batching.sizing import SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
@@ -68,7 +69,18 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         cache_type_v=settings.cache_type_v,
     )
     backend = LlamaBackend(model, context)
-    engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue))
+    controller = DegradationController(DegradationConfig(
+        reserve_bytes=plan.reserve_bytes,
+        kv_bytes_per_token=plan.kv_bytes_per_token,
+        ctx_size=settings.ctx_size,
+        max_cells=backend.n_ctx,
+        max_cap=plan.parallel,
+        gpu_fraction=plan.gpu_fraction,
+        probe_interval=settings.memory_check_interval,
+        recover_after=settings.recover_after,
+    ))
+    engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue), probe,
+                    controller)
     engine.start()
     model_id = settings.model_alias or path.stem
     log.info("serving %s: %s; n_batch %d, %d threads, %s", model_id, plan.describe(), context.n_batch,

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     ctx_size: int = Field(2048, ge=64, description="context of ONE sequence: prompt + answer tokens")
     kv_size: int | None = Field(None, description="cells in the shared KV cache (default: auto, at most parallel x ctx-size)")
     memory_reserve: str = Field("1GiB", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB")
+    memory_check_interval: float = Field(0.5, gt=0, description="seconds between memory readings while serving")
+    recover_after: float = Field(3.0, ge=0, description="seconds of steady headroom before each step back up")
     batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
     ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")

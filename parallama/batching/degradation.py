@@ -1,0 +1,120 @@
+"""The degradation controller: how many sequences run and how big the KV cache is, while serving.
+
+Two levers, one controller, pure (it reads nothing; the engine feeds it):
+
+- KV cells run out (``llama_decode`` returned 1): multiplicative decrease of the sequence cap. The
+  scheduler parks the newest sequence; it resumes later exactly where it stopped.
+- Free memory falls below the reserve (another program took it, or the container nears its limit):
+  lowering a counter gives nothing back, since the KV cache is allocated. The controller asks for a
+  smaller cache; the engine parks the running sequences, rebuilds the context and restores them.
+
+Growth is additive and slow: one step (one more sequence, or the cache back up to what memory allows)
+after ``recover_after`` seconds of continuous headroom, where headroom means room above the reserve
+plus a hysteresis margin. Any pressure restarts that clock, so an oscillating signal cannot make the
+controller flap between sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from parallama.batching.memory import MemoryReading, MiB, format_size
+from parallama.batching.sizing import OVERCOMMIT, cells_that_fit
+
+
+@dataclass(frozen=True, slots=True)
+class DegradationConfig:
+    reserve_bytes: int
+    kv_bytes_per_token: int
+    ctx_size: int  # one sequence's context: the cache never shrinks below it
+    max_cells: int  # the start-up KV size: growth stops there
+    max_cap: int  # the start-up sequence count
+    min_cap: int = 1
+    gpu_fraction: Fraction | float = 0
+    probe_interval: float = 0.5  # seconds between memory readings
+    recover_after: float = 3.0  # seconds of continuous headroom before each growth step
+    hysteresis_bytes: int = 256 * MiB  # growing needs this much room above the reserve
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    cells: int  # the KV cache the engine should rebuild to
+
+
+@dataclass(slots=True)
+class DegradationController:
+    config: DegradationConfig
+    cap: int = 0
+    cells: int = 0
+    reason: str = "none"
+    num_decreases: int = 0
+    last_reading: MemoryReading | None = None
+    _healthy_since: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cap = self.cap or self.config.max_cap
+        self.cells = self.cells or self.config.max_cells
+
+    # --- lever 1: KV cells ran out -------------------------------------------------------------
+    def on_kv_full(self, running: int, now: float) -> int:
+        """Halve the cap below what was running, and restart the recovery clock."""
+        self.cap = max(self.config.min_cap, min(self.cap, running) // 2)
+        self.reason = "kv cache full"
+        self.num_decreases += 1
+        self._healthy_since = now
+        return self.cap
+
+    # --- lever 2: free memory ------------------------------------------------------------------
+    def observe(self, reading: MemoryReading, now: float) -> Resize | None:
+        self.last_reading = reading
+        fit = self._fit(reading, self.config.reserve_bytes)
+        if fit < self.cells:
+            return self._shrink(fit)
+        if self._fit(reading, self.config.reserve_bytes + self.config.hysteresis_bytes) < self.cells:
+            self._healthy_since = None  # above the reserve but within the margin: hold
+            return None
+        if self._healthy_since is None:
+            self._healthy_since = now
+            return None
+        if now - self._healthy_since < self.config.recover_after:
+            return None
+        self._healthy_since = now  # one growth step per recover_after
+        return self._grow(reading)
+
+    def _shrink(self, fit: int) -> Resize:
+        self.cells = fit
+        self.cap = max(self.config.min_cap, min(self.cap, self._cap_for(fit)))
+        self.reason = "memory below reserve"
+        self.num_decreases += 1
+        self._healthy_since = None
+        return Resize(fit)
+
+    def _grow(self, reading: MemoryReading) -> Resize | None:
+        if self.cap < min(self.config.max_cap, self._cap_for(self.cells)):
+            self.cap += 1
+            return None
+        room = self._fit(reading, self.config.reserve_bytes + self.config.hysteresis_bytes)
+        if self.cells < self.config.max_cells and room > self.cells:
+            self.cells = room
+            return Resize(room)
+        if self.cap == self.config.max_cap and self.cells == self.config.max_cells:
+            self.reason = "none"
+        return None
+
+    def _fit(self, reading: MemoryReading, reserve: int) -> int:
+        return cells_that_fit(reading, self.cells, self.config.kv_bytes_per_token, reserve,
+                              self.config.ctx_size, self.config.gpu_fraction, self.config.max_cells)
+
+    def _cap_for(self, cells: int) -> int:
+        """Sequences a cache of ``cells`` serves under the start-up overcommit rule."""
+        return max(self.config.min_cap, min(self.config.max_cap, OVERCOMMIT * cells // self.config.ctx_size))
+
+    def describe(self) -> dict:
+        r = self.last_reading
+        memory = {"reserve_bytes": self.config.reserve_bytes, "reserve": format_size(self.config.reserve_bytes)}
+        if r is not None:
+            memory |= {"host_free_bytes": r.host_free, "host_total_bytes": r.host_total,
+                       "cgroup_limit_bytes": r.cgroup_limit, "gpu_free_bytes": r.gpu_free,
+                       "gpu_total_bytes": r.gpu_total}
+        return memory
