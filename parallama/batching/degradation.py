@@ -68,12 +68,11 @@ class DegradationController:
     # --- lever 2: free memory ------------------------------------------------------------------
     def observe(self, reading: MemoryReading, now: float) -> Resize | None:
         self.last_reading = reading
-        fit = self._fit(reading, self.config.reserve_bytes)
-        if fit < self.cells:
-            return self._shrink(fit)
-        if self._fit(reading, self.config.reserve_bytes + self.config.hysteresis_bytes) < self.cells:
-            self._healthy_since = None  # above the reserve but within the margin: hold
-            return None
+        room = self._room(reading)
+        if room < self.config.hysteresis_bytes:
+            self._healthy_since = None  # pressure, or too close to it: the recovery clock stops
+            fit = self._fit(reading, self.config.reserve_bytes)
+            return self._shrink(fit) if room < 0 and fit < self.cells else None
         if self._healthy_since is None:
             self._healthy_since = now
             return None
@@ -81,6 +80,14 @@ class DegradationController:
             return None
         self._healthy_since = now  # one growth step per recover_after
         return self._grow(reading)
+
+    def _room(self, reading: MemoryReading) -> int:
+        """Bytes above the reserve in the tightest memory pool the cache lives in (negative: below)."""
+        frac = Fraction(self.config.gpu_fraction)
+        rooms = [reading.host_free - self.config.reserve_bytes] if frac < 1 else []
+        if frac > 0 and reading.gpus:
+            rooms.append(reading.gpu_free - self.config.reserve_bytes)
+        return min(rooms, default=self.config.hysteresis_bytes)
 
     def _shrink(self, fit: int) -> Resize:
         self.cells = fit
