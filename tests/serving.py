@@ -49,9 +49,12 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(**overrides) -> Iterator[LiveServer]:
+def live_server(probe=None, **overrides) -> Iterator[LiveServer]:
+    """``probe`` replaces the system memory probe, to script memory pressure."""
+    from parallama.server.runtime import build
+
     settings = Settings(port=free_port(), **{"parallel": 8, "ctx_size": 512, **overrides})
-    server = LiveServer(create_app(settings), settings.port)
+    server = LiveServer(create_app(settings, lambda s: build(s, probe)), settings.port)
     server.start()
     try:
         yield server

@@ -98,6 +98,7 @@ class DegradationController:
         return Resize(fit)
 
     def _grow(self, reading: MemoryReading) -> Resize | None:
+        self.reason = "recovering"
         if self.cap < min(self.config.max_cap, self._cap_for(self.cells)):
             self.cap += 1
             return None
