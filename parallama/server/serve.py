@@ -47,13 +47,17 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+def warn_if_exposed(settings: Settings) -> None:
+    if not is_loopback(settings.host) and settings.resolved_api_key() is None:
+        log.warning("listening on %s with no API key: anyone who can reach this port can use the model "
+                    "(set --api-key or PARALLAMA_API_KEY)", settings.host)
+
+
 def serve(settings: Settings) -> int:
     """Serve until a signal; 0 after a clean shutdown, 1 when the model could not be loaded or sized."""
     from parallama.server.app import create_app
 
-    if not is_loopback(settings.host) and settings.resolved_api_key() is None:
-        log.warning("listening on %s with no API key: anyone who can reach this port can use the model "
-                    "(set --api-key or PARALLAMA_API_KEY)", settings.host)
+    warn_if_exposed(settings)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False)
