@@ -616,16 +616,11 @@ def test_under_pressure_no_request_is_lost():
         assert d.reasons(r) == ["length"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a request with n > n_seq_max is never admitted and blocks "
-                                       "the queue behind it (Scheduler._can_admit needs len(group) free seq_ids)")
-def test_request_with_more_choices_than_seq_ids_does_not_block_the_queue():
+def test_request_with_more_choices_than_seq_ids_is_refused_and_blocks_nothing():
     d = Driver(FakeBackend(n_seq_max=2))
-    too_wide = make_request("abc", max_tokens=3, n=3)
+    with pytest.raises(ValueError, match="n=3"):
+        d.add(make_request("abc", max_tokens=3, n=3))
     normal = make_request("a", max_tokens=3)
-    try:
-        d.add(too_wide)
-    except ValueError:
-        pass  # rejecting it up front is a fix too
     d.add(normal)
     for _ in range(20):
         d.step()

@@ -113,6 +113,8 @@ class Engine:
         seconds it finishes with what it has generated."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
+        if n > self.backend.n_seq_max:
+            raise ValueError(f"n={n} exceeds the {self.backend.n_seq_max} sequences of this engine")
         with self._submit_lock:
             if self.num_queued >= self.config.max_queue:
                 raise QueueFull(f"{self.num_queued} requests are already waiting")
@@ -167,7 +169,10 @@ class Engine:
             if not self.scheduler.has_work:
                 self._wake.wait(idle_wait)  # wakes to read memory even when idle: it may grow back
                 continue
+            steps = self.scheduler.num_steps
             _deliver(self.scheduler.step())
+            if self.scheduler.num_steps == steps and not self._commands:
+                self._wake.wait(0.01)  # nothing could run (e.g. all waiting on room): do not spin
 
     def _watch_memory(self) -> None:
         if self.controller is None or self.probe is None or time.monotonic() < self._next_probe:

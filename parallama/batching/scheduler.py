@@ -53,6 +53,8 @@ class Scheduler:
 
     # --- commands ------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
+        if request.n > self.backend.n_seq_max:  # it could never take its sequences all at once
+            raise ValueError(f"n={request.n} exceeds the {self.backend.n_seq_max} sequences of this engine")
         request.sequences = [Sequence(request, i) for i in range(request.n)]
         request.num_unfinished = request.n
         self.requests[request.request_id] = request

@@ -24,4 +24,7 @@ class IncrementalDetokenizer:
         return self._decoder.decode(self._piece(token))
 
     def flush(self) -> str:
+        """What is left when the sequence ends. A character cut in half by max_tokens is dropped,
+        not turned into U+FFFD."""
+        self._decoder.errors = "ignore"
         return self._decoder.decode(b"", final=True)
