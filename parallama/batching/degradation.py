@@ -98,17 +98,19 @@ class DegradationController:
         return Resize(fit)
 
     def _grow(self, reading: MemoryReading) -> Resize | None:
-        self.reason = "recovering"
+        """One step up: a sequence more while the cache serves it, else the cache back towards its
+        start-up size, as far as memory allows with the margin."""
+        resize = None
         if self.cap < min(self.config.max_cap, self._cap_for(self.cells)):
             self.cap += 1
-            return None
-        room = self._fit(reading, self.config.reserve_bytes + self.config.hysteresis_bytes)
-        if self.cells < self.config.max_cells and room > self.cells:
-            self.cells = room
-            return Resize(room)
-        if self.cap == self.config.max_cap and self.cells == self.config.max_cells:
-            self.reason = "none"
-        return None
+        else:
+            room = self._fit(reading, self.config.reserve_bytes + self.config.hysteresis_bytes)
+            if self.cells < self.config.max_cells and room > self.cells:
+                self.cells = room
+                resize = Resize(room)
+        full = self.cap == self.config.max_cap and self.cells == self.config.max_cells
+        self.reason = "none" if full else "recovering"
+        return resize
 
     def _fit(self, reading: MemoryReading, reserve: int) -> int:
         return cells_that_fit(reading, self.cells, self.config.kv_bytes_per_token, reserve,
