@@ -68,21 +68,32 @@ def test_load_200_requests_at_concurrency_32_with_queue_16(small):
 
 
 def test_overload_is_immediate_and_openai_retries_succeed(small):
+    backend = small.served.engine.backend
+    no_end = {str(t): -100 for t in range(backend.facts.n_vocab) if backend.is_eog(t)}
+    hog_body = {**CHAT, "max_tokens": 400, "logit_bias": no_end}  # cannot end early
+
     async def main() -> tuple[float, int]:
         async with httpx.AsyncClient(base_url=small.base_url, timeout=120) as client:
-            hogs = [asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 16}))
+            # 4 running + 16 queued, each far from done: the queue stays full while we look.
+            hogs = [asyncio.create_task(client.post("/v1/chat/completions", json=hog_body))
                     for _ in range(4 + 16)]
-            await asyncio.sleep(0.5)
+            while (await client.get("/status")).json()["queue"]["waiting"] < 16:
+                await asyncio.sleep(0.01)
             started = time.monotonic()
             refused = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4})
             elapsed = time.monotonic() - started
             assert refused.status_code == 503 and refused.headers["retry-after"]
-            # The client honours Retry-After (1 s), so 30 retries wait out the queue draining.
+            # The client honours Retry-After (1 s) and retries; load drops when the hogs hang up.
             retrying = openai.AsyncOpenAI(base_url=f"{small.base_url}/v1", api_key="x", max_retries=30)
-            reply = await retrying.chat.completions.create(model=small.served.model_id, max_tokens=4,
-                                                           messages=CHAT["messages"])
-            await asyncio.gather(*hogs)
-            return elapsed, reply.usage.completion_tokens
+            reply = asyncio.create_task(retrying.chat.completions.create(
+                model=small.served.model_id, max_tokens=4, messages=CHAT["messages"]))
+            await asyncio.sleep(1.5)
+            assert not reply.done()  # still being refused and retried
+            for hog in hogs:
+                hog.cancel()
+            answered = await asyncio.gather(*hogs, return_exceptions=True)
+            assert not any(isinstance(a, httpx.Response) and a.status_code == 503 for a in answered)
+            return elapsed, (await reply).usage.completion_tokens
 
     elapsed, tokens = asyncio.run(main())
     assert elapsed < 5  # answered at once, not after a timeout

@@ -629,15 +629,17 @@ def test_request_with_more_choices_than_seq_ids_is_refused_and_blocks_nothing():
 
 # --- the engine's queue bound --------------------------------------------------------------------------------
 def test_queue_bound_on_an_engine_not_started():
-    engine = Engine(FakeBackend(), EngineConfig(ctx_size=64, max_queue=2))
+    """The bound counts requests beyond what free sequences take at the next step: with one free
+    sequence and max_queue=2, three requests are accepted and the fourth is refused."""
+    engine = Engine(FakeBackend(n_seq_max=1), EngineConfig(ctx_size=64, max_queue=2))
 
     async def main():
-        engine.submit([letter_token("a")], SamplingParams(max_tokens=2))
-        engine.submit([letter_token("b")], SamplingParams(max_tokens=2))
-        assert engine.num_queued == 2
+        for c in "abc":
+            engine.submit([letter_token(c)], SamplingParams(max_tokens=2))
+        assert engine.num_queued == 3 and engine.num_beyond_capacity == 2
         with pytest.raises(QueueFull):
-            engine.submit([letter_token("c")], SamplingParams(max_tokens=2))
-        assert engine.num_queued == 2
+            engine.submit([letter_token("d")], SamplingParams(max_tokens=2))
+        assert engine.num_queued == 3
 
     asyncio.run(main())
 

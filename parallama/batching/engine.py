@@ -116,8 +116,8 @@ class Engine:
         if n > self.backend.n_seq_max:
             raise ValueError(f"n={n} exceeds the {self.backend.n_seq_max} sequences of this engine")
         with self._submit_lock:
-            if self.num_queued >= self.config.max_queue:
-                raise QueueFull(f"{self.num_queued} requests are already waiting")
+            if self.num_beyond_capacity >= self.config.max_queue:
+                raise QueueFull(f"{self.num_beyond_capacity} requests are already waiting for a sequence")
             self._submitted += 1
         request_id = f"req-{next(_request_ids)}"
         stream = RequestStream(self, request_id)
@@ -140,6 +140,13 @@ class Engine:
     def is_idle(self) -> bool:
         """No request queued or running, and no command waiting for the worker."""
         return not self._commands and not self.scheduler.has_work
+
+    @property
+    def num_beyond_capacity(self) -> int:
+        """Queued requests that the free sequences cannot take at the next step: what the queue bound
+        limits. (A burst that arrives during a step is not refused while sequences are free.)"""
+        free = max(0, self.scheduler.cap - len(self.scheduler.running))
+        return max(0, self.num_queued - free)
 
     @property
     def num_queued(self) -> int:
