@@ -17,6 +17,21 @@ from parallama.sequences.sampling import LlamaSampler
 log = logging.getLogger(__name__)
 
 
+def context_params(config: ContextConfig) -> llama_cpp.llama_context_params:
+    """llama.cpp's context parameters for a ContextConfig (the benchmark's raw loop uses them too)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = config.n_ctx
+    params.n_seq_max = config.n_seq_max
+    params.n_batch = config.n_batch
+    params.n_ubatch = min(config.n_ubatch, config.n_batch)
+    params.n_threads = params.n_threads_batch = config.n_threads
+    params.type_k = CACHE_TYPES[config.cache_type_k][0]
+    params.type_v = CACHE_TYPES[config.cache_type_v][0]
+    params.kv_unified = True  # one pool of cells for every sequence: what lets the cache overcommit
+    params.no_perf = True
+    return params
+
+
 class LlamaBackend:
     def __init__(self, model: LlamaModel, config: ContextConfig) -> None:
         self.model = model
@@ -28,17 +43,7 @@ class LlamaBackend:
 
     # --- context lifecycle --------------------------------------------------------------------
     def _open(self, config: ContextConfig) -> None:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = config.n_ctx
-        params.n_seq_max = config.n_seq_max
-        params.n_batch = config.n_batch
-        params.n_ubatch = min(config.n_ubatch, config.n_batch)
-        params.n_threads = params.n_threads_batch = config.n_threads
-        params.type_k = CACHE_TYPES[config.cache_type_k][0]
-        params.type_v = CACHE_TYPES[config.cache_type_v][0]
-        params.kv_unified = True  # one pool of cells for every sequence: what lets the cache overcommit
-        params.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)
+        ctx = llama_cpp.llama_init_from_model(self.model.ptr, context_params(config))
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not create a context of {config.n_ctx} cells")
         self.config = config
