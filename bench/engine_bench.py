@@ -11,6 +11,12 @@ twice over the same model and the same context parameters: once through the para
 from the first submit (raw: the first prefill decode) to the last sequence finished, prefill
 included, and count the tokens actually generated. End-of-generation tokens are banned with a logit
 bias in both by default (--allow-eos turns that off) so every sequence runs to --max-tokens.
+Every run gets a context of its own (the engine run a fresh LlamaBackend and Engine), a warm-up
+and then the timed generation, decoding on a thread that exits when the run ends: the raw loop on a
+fresh thread, the engine on its worker thread, which engine.shutdown() joins; the main thread never
+decodes. llama.cpp's OpenMP CPU backend gives every thread that calls llama_decode its own thread
+team, and once two such threads are alive in one process every decode there slows down ~3.5x on
+2 cores, so at most one is alive at any time. Only the model stays loaded throughout.
 Each repeat visits every concurrency in turn and runs raw and engine back to back (raw first, then
 engine first, ...). Each throughput is the best of --repeats runs, since other load only slows a
 run down; engine/raw is also given as the median of the back-to-back pairs' ratios. Progress goes
@@ -25,7 +31,9 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
@@ -34,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from parallama.batching import Engine, EngineConfig  # noqa: E402
 from parallama.sequences import SamplingParams  # noqa: E402
-from parallama.sequences.config import CACHE_TYPES, ContextConfig, ModelConfig  # noqa: E402
-from parallama.sequences.llama_backend import LlamaBackend  # noqa: E402
+from parallama.sequences.config import ContextConfig, ModelConfig  # noqa: E402
+from parallama.sequences.llama_backend import LlamaBackend, context_params  # noqa: E402
 from parallama.sequences.model import LlamaModel  # noqa: E402
 from parallama.sequences.model_file import resolve_model_path  # noqa: E402
 
@@ -47,6 +55,9 @@ TOPICS = [
 ]
 TIMING = ("tok_s: generated tokens / wall time from first submit (raw: first prefill decode) to last finish, "
           "prefill included; decode_tok_s: tokens after every sequence had its first token / that window")
+THREADS = ("every run decodes on its own short-lived thread (raw: a fresh thread; engine: a fresh engine's worker), "
+           "so at most one thread that has called llama_decode is alive at a time: llama.cpp's OpenMP CPU backend "
+           "gives each such thread its own thread team, and two teams on the same cores slow every decode ~3.5x")
 
 
 @dataclass
@@ -99,17 +110,7 @@ def context_config(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[
 # --- the raw loop -----------------------------------------------------------------------------
 def open_raw_context(model: LlamaModel, config: ContextConfig):
     """Exactly the context LlamaBackend._open builds."""
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = config.n_ctx
-    params.n_seq_max = config.n_seq_max
-    params.n_batch = config.n_batch
-    params.n_ubatch = min(config.n_ubatch, config.n_batch)
-    params.n_threads = params.n_threads_batch = config.n_threads
-    params.type_k = CACHE_TYPES[config.cache_type_k][0]
-    params.type_v = CACHE_TYPES[config.cache_type_v][0]
-    params.kv_unified = True
-    params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+    ctx = llama_cpp.llama_init_from_model(model.ptr, context_params(config))
     if not ctx:
         raise RuntimeError("could not create the raw context")
     return ctx
@@ -202,29 +203,61 @@ async def engine_run(engine: Engine, prompts: list[list[int]], params: SamplingP
     return Run(*(list(x) for x in zip(*results)))
 
 
-# --- one concurrency --------------------------------------------------------------------------
+# --- one measurement: fresh context, fresh decoding thread ----------------------------------
+def on_fresh_thread(fn: Callable[[], Run]) -> Run:
+    """Run fn on a new thread and wait until that thread has exited (taking its OpenMP team along)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-raw") as pool:
+        return pool.submit(fn).result()
+
+
+def raw_measure(model: LlamaModel, config: ContextConfig, prompts: list[list[int]], max_tokens: int,
+                banned: list[int]) -> Run:
+    """A raw context for this run only; a warm-up then the timed run, both on one fresh thread."""
+    ctx = open_raw_context(model, config)
+    batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+
+    def warm_up_then_time() -> Run:
+        raw_run(model, ctx, batch, prompts[:1], 2, banned, config.n_batch)
+        return raw_run(model, ctx, batch, prompts, max_tokens, banned, config.n_batch)
+
+    try:
+        return on_fresh_thread(warm_up_then_time)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
+def engine_measure(model: LlamaModel, config: ContextConfig, per_seq_cells: int, prompts: list[list[int]],
+                   params: SamplingParams) -> Run:
+    """An engine (and backend) for this run only; a warm-up then the timed run; its worker exits after."""
+    backend = LlamaBackend(model, config)
+    engine = Engine(backend, EngineConfig(ctx_size=per_seq_cells))
+    engine.start()
+    try:
+        asyncio.run(engine_run(engine, prompts[:1], replace(params, max_tokens=2)))
+        return asyncio.run(engine_run(engine, prompts, params))
+    finally:
+        engine.shutdown()
+        backend.close()
+
+
 class Setup:
-    """An engine and a raw context for N sequences, built alike and kept for the whole benchmark."""
+    """The prompts and context parameters for N sequences, shared by every raw and engine run at N."""
 
     def __init__(self, model: LlamaModel, args: argparse.Namespace, n: int, banned: list[int]) -> None:
         self.model, self.args, self.n, self.banned = model, args, n, banned
         self.prompts = make_prompts(model, n)
-        self.config, per_seq_cells = context_config(args, self.prompts)
-        self.backend = LlamaBackend(model, self.config)
-        self.engine = Engine(self.backend, EngineConfig(ctx_size=per_seq_cells))
-        self.engine.start()
-        self.ctx = open_raw_context(model, self.config)
-        self.batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
-        self.bias = tuple((t, float("-inf")) for t in banned)
+        self.config, self.per_seq_cells = context_config(args, self.prompts)
+        self.params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                                     logit_bias=tuple((t, float("-inf")) for t in banned))
         self.pairs: list[tuple[Run, Run]] = []
-        self.pair(self.prompts[:1], 2)  # warm-up: touch both contexts once
 
-    def pair(self, prompts: list[list[int]], max_tokens: int, engine_first: bool = False) -> tuple[Run, Run]:
-        """One raw run and one engine run, back to back."""
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=self.bias)
-        run_engine = lambda: asyncio.run(engine_run(self.engine, prompts, params))  # noqa: E731
-        run_raw = lambda: raw_run(self.model, self.ctx, self.batch, prompts, max_tokens, self.banned,  # noqa: E731
-                                  self.config.n_batch)
+    def pair(self, engine_first: bool) -> tuple[Run, Run]:
+        """One raw run and one engine run, back to back, each with its own context and decoding thread."""
+        run_engine = lambda: engine_measure(self.model, self.config, self.per_seq_cells,  # noqa: E731
+                                            self.prompts, self.params)
+        run_raw = lambda: raw_measure(self.model, self.config, self.prompts,  # noqa: E731
+                                      self.args.max_tokens, self.banned)
         if engine_first:
             eng = run_engine()
             return run_raw(), eng
@@ -232,29 +265,19 @@ class Setup:
         return raw, run_engine()
 
     def repeat(self, k: int) -> None:
-        self.pairs.append(self.pair(self.prompts, self.args.max_tokens, engine_first=k % 2 == 1))
-
-    def close(self) -> None:
-        self.engine.shutdown()
-        self.backend.close()
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
+        self.pairs.append(self.pair(engine_first=k % 2 == 1))
 
 
 def measure_all(model: LlamaModel, args: argparse.Namespace, banned: list[int]) -> list[dict]:
     """Round-robin over the concurrencies in each repeat, so that a noisy spell hits all of them."""
     setups = [Setup(model, args, int(n), banned) for n in args.concurrency.split(",")]
     started = time.perf_counter()
-    try:
-        for k in range(args.repeats):
-            for setup in setups:
-                setup.repeat(k)
-                raw, eng = setup.pairs[-1]
-                print(f"repeat {k + 1} n_seq={setup.n}: engine {eng.tok_s:.1f} tok/s, raw {raw.tok_s:.1f} tok/s, "
-                      f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
-    finally:
+    for k in range(args.repeats):
         for setup in setups:
-            setup.close()
+            setup.repeat(k)
+            raw, eng = setup.pairs[-1]
+            print(f"repeat {k + 1} n_seq={setup.n}: engine {eng.tok_s:.1f} tok/s, raw {raw.tok_s:.1f} tok/s, "
+                  f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
     return [summarize(s.n, s.config, s.prompts, s.pairs) for s in setups]
 
 
@@ -336,7 +359,7 @@ def main() -> None:
     add_scaling(rows)
     report = {
         "model": model.facts().name, "n_threads": args.threads, "max_tokens": args.max_tokens,
-        "repeats": args.repeats, "eog_banned": not args.allow_eos, "timing": TIMING,
+        "repeats": args.repeats, "eog_banned": not args.allow_eos, "timing": TIMING, "threads": THREADS,
         "stat": "best of repeats; *_paired_median: median over repeats of engine/raw in back-to-back runs",
         "results": rows, "targets": targets(rows),
         "elapsed_s": round(time.perf_counter() - started, 1),
