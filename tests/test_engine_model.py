@@ -403,3 +403,22 @@ def test_same_seed_same_text_other_seeds_differ(make_backend, make_engine):
     first, again, *others = run(main())
     assert first == again
     assert any(text != first for text in others)
+
+
+@pytest.mark.model
+def test_every_sampler_option_builds_and_samples(make_backend):
+    """Each link of the sampler chain reaches llama.cpp with the arguments its binding expects."""
+    from parallama.sequences import BatchItem, BatchPlan, SamplingParams
+
+    backend = make_backend(n_ctx=256, n_seq_max=1, n_batch=64)
+    prompt = backend.tokenize("Once upon a time", True, True)
+    plan = BatchPlan()
+    plan.add(BatchItem(0, 0, prompt, True))
+    backend.decode(plan)
+    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=3, repeat_penalty=1.1,
+                            presence_penalty=0.5, frequency_penalty=0.5, logit_bias=((42, 5.0),))
+    for p in (params, SamplingParams(temperature=0, presence_penalty=1.0, logit_bias=((13, -100.0),))):
+        sampler = backend.new_sampler(p)
+        token = sampler.sample(plan.logits_index[0])
+        assert 0 <= token < backend.facts.n_vocab
+        sampler.close()

@@ -150,3 +150,12 @@ def test_health_and_status_contract(http, server):
     assert {s["state"] for s in seqs["slots"]} == {"idle"}
     assert status["queue"]["waiting"] == 0
     assert status["kv"]["cells_used"] == 0 and status["kv"]["cells_total"] >= 8 * 512
+
+
+def test_penalties_and_sampling_extensions_are_applied(http):
+    plain = chat(http, temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
+    penalized = chat(http, temperature=0, max_tokens=24, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized["usage"]["completion_tokens"] > 0
+    assert penalized["choices"][0]["message"]["content"] != plain  # the penalty changed the greedy path
+    extended = chat(http, temperature=0.8, seed=9, top_k=20, min_p=0.05, repeat_penalty=1.2, max_tokens=8)
+    assert extended["usage"]["completion_tokens"] > 0

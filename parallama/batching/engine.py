@@ -42,6 +42,7 @@ class EngineConfig:
     ctx_size: int  # most tokens (prompt + output) one sequence may hold
     max_queue: int = 256  # requests waiting for a sequence before submit() raises QueueFull
     growth_margin: int = 16
+    prefix_cache: bool = False  # the backend's last seq_id holds a cross-request prefix cache
 
 
 class RequestStream:
@@ -78,7 +79,8 @@ class Engine:
         and lets the controller resize the KV cache and move the sequence cap while it serves."""
         self.backend = backend
         self.config = config
-        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin))
+        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin,
+                                                            config.prefix_cache))
         self.probe = probe
         self.controller = controller
         self._next_probe = 0.0
@@ -113,8 +115,8 @@ class Engine:
         seconds it finishes with what it has generated."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
-        if n > self.backend.n_seq_max:
-            raise ValueError(f"n={n} exceeds the {self.backend.n_seq_max} sequences of this engine")
+        if n > self.scheduler.num_slots:
+            raise ValueError(f"n={n} exceeds the {self.scheduler.num_slots} sequences of this engine")
         with self._submit_lock:
             if self.num_beyond_capacity >= self.config.max_queue:
                 raise QueueFull(f"{self.num_beyond_capacity} requests are already waiting for a sequence")
@@ -177,9 +179,18 @@ class Engine:
                 self._wake.wait(idle_wait)  # wakes to read memory even when idle: it may grow back
                 continue
             steps = self.scheduler.num_steps
-            _deliver(self.scheduler.step())
+            _deliver(self._step())
             if self.scheduler.num_steps == steps and not self._commands:
                 self._wake.wait(0.01)  # nothing could run (e.g. all waiting on room): do not spin
+
+    def _step(self) -> list[Delivery]:
+        """One scheduler step. A bug must not kill the worker (every request would hang): the
+        requests of that step fail with an error event, and the engine serves on."""
+        try:
+            return self.scheduler.step()
+        except Exception:
+            log.exception("scheduler step failed; failing the running requests")
+            return self.scheduler.fail_running("internal error")
 
     def _watch_memory(self) -> None:
         if self.controller is None or self.probe is None or time.monotonic() < self._next_probe:

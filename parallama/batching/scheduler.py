@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from parallama.batching.events import Event
+from parallama.batching.prefix_cache import PrefixCache
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
 from parallama.sequences import Backend, BatchItem, BatchPlan, DecodeOutcome
 from parallama.sequences.backend import BackendError
@@ -31,17 +32,20 @@ Delivery = tuple[Request, Event]
 class SchedulerConfig:
     ctx_size: int  # most tokens (prompt + output) one sequence may hold
     growth_margin: int = 16  # cells a newly admitted sequence should find free beyond its prompt
+    prefix_cache: bool = False  # reserve the last seq_id for a cross-request prefix cache
 
 
 class Scheduler:
     def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
         self.backend = backend
         self.config = config
-        self.cap = backend.n_seq_max  # most sequences running at once; lowered under pressure
+        self.cache = PrefixCache(backend, backend.n_seq_max - 1) if config.prefix_cache else None
+        self.num_slots = backend.n_seq_max - (1 if self.cache else 0)  # seq_ids requests may take
+        self.cap = self.num_slots  # most sequences running at once; lowered under pressure
         self.waiting: deque[list[Sequence]] = deque()  # groups admitted together, FCFS
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
-        self.free_ids = list(range(backend.n_seq_max - 1, -1, -1))
+        self.free_ids = list(range(self.num_slots - 1, -1, -1))
         self.num_steps = 0
         self.num_preemptions = 0
         self.num_dequeued = 0  # requests that left the queue for the first time (admitted or ended)
@@ -53,8 +57,8 @@ class Scheduler:
 
     # --- commands ------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if request.n > self.backend.n_seq_max:  # it could never take its sequences all at once
-            raise ValueError(f"n={request.n} exceeds the {self.backend.n_seq_max} sequences of this engine")
+        if request.n > self.num_slots:  # it could never take its sequences all at once
+            raise ValueError(f"n={request.n} exceeds the {self.num_slots} sequences of this engine")
         request.sequences = [Sequence(request, i) for i in range(request.n)]
         request.num_unfinished = request.n
         self.requests[request.request_id] = request
@@ -79,9 +83,12 @@ class Scheduler:
         return len({id(g[0].request) for g in self.waiting})
 
     def kv_cells_used(self) -> int:
-        """Cells held by running sequences; a shared prefix counts once, as in llama.cpp."""
-        prefixes = {id(s.prefix): s.prefix.length for s in self.running if s.prefix}
-        return sum(s.own_cells() for s in self.running) + sum(prefixes.values())
+        """Cells in use, the prefix cache's included; a shared prefix counts once, as in llama.cpp."""
+        prefixes = {id(s.prefix): s.prefix.length for s in self.running if s.prefix and not s.prefix.in_cache}
+        return sum(s.own_cells() for s in self.running) + sum(prefixes.values()) + self.kv_cells_cached()
+
+    def kv_cells_cached(self) -> int:
+        return self.cache.num_cells if self.cache else 0
 
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> list[Delivery]:
@@ -107,6 +114,7 @@ class Scheduler:
         for seq, item, row in zip(seqs, plan.items, plan.logits_index):
             seq.num_computed += len(item.token_ids)
             if item.wants_logits:
+                self._cache_prompt(seq)
                 self._accept(seq, seq.sampler.sample(row))
 
     def _expire(self, now: float) -> None:
@@ -139,24 +147,42 @@ class Scheduler:
             return False
         margin = min(self.config.growth_margin, group[0].request.params.max_tokens)
         need = group[0].num_tokens + len(group) * margin
-        return need <= self.backend.n_ctx - self._committed_cells()
+        room = self.backend.n_ctx - self._committed_cells()
+        if need > room and self.cache and self.cache.drop():  # the cached prefix gives its cells back
+            room = self.backend.n_ctx - self._committed_cells()
+        return need <= room
 
     def _committed_cells(self) -> int:
         """Cells the running sequences hold once their pending tokens are in."""
         return self.kv_cells_used() + sum(s.num_pending for s in self.running if s.copy_from is None)
 
     def _start(self, seq: Sequence) -> None:
-        seq.seq_id = self.free_ids.pop()
-        seq.status = SeqStatus.RUNNING
-        seq.admitted = next(self._admissions)
-        if seq.parked is not None:
-            self._unpark(seq)
-        if seq.sampler is None:
+        if seq.sampler is None:  # first admission; built before taking a seq_id, in case it raises
             params = seq.request.params
             seq.sampler = self.backend.new_sampler(params)
             seq.detokenizer = IncrementalDetokenizer(self.backend.token_bytes)
             seq.stops = StopMatcher(params.stop)
+        seq.seq_id = self.free_ids.pop()
+        seq.status = SeqStatus.RUNNING
+        seq.admitted = next(self._admissions)
         self.running.append(seq)
+        if seq.parked is not None:
+            self._unpark(seq)
+        elif self.cache and seq.num_computed == 0 and seq.request.n == 1:
+            self._reuse_cached_prefix(seq)
+
+    def _reuse_cached_prefix(self, seq: Sequence) -> None:
+        n = self.cache.match(seq.prompt)
+        if n:
+            self.cache.copy_to(seq.seq_id, n)
+            seq.num_computed, seq.prefix = n, SharedPrefix(None, n, in_cache=True)
+
+    def _cache_prompt(self, seq: Sequence) -> None:
+        """A single sequence just finished its prompt: offer it to the prefix cache."""
+        if self.cache and seq.request.n == 1 and seq.prefix is None and not seq.output:
+            n = self.cache.store(seq.seq_id, seq.prompt)
+            if n:
+                seq.prefix = SharedPrefix(None, n, in_cache=True)
 
     def _unpark(self, seq: Sequence) -> None:
         """Put a preempted sequence's saved KV back; if it does not fit, it recomputes instead."""
@@ -246,6 +272,8 @@ class Scheduler:
             f.copy_from = None
         if seq.copy_from is not None:
             seq.copy_from.followers.remove(seq)
+        if seq.prefix is not None and seq.prefix.in_cache:
+            self.cache.release()
         seq.seq_id, seq.followers, seq.copy_from, seq.prefix, seq.num_computed = None, [], None, None, 0
 
     # --- pressure and failure ------------------------------------------------------------------
@@ -254,6 +282,8 @@ class Scheduler:
         newest sequence. The batch runs again next step without it."""
         for item in plan.items:
             self.backend.seq_remove(item.seq_id, item.start_pos)
+        if self.cache and self.cache.drop():
+            return  # the cached prefix's cells were enough: run the batch again as it was
         if len(self.running) > 1:
             if self.on_kv_full is not None:
                 self.cap = self.on_kv_full(len(self.running))
@@ -280,6 +310,8 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.admitted, reverse=True):
             self.preempt(seq)
         self.backend.resize(n_ctx)
+        if self.cache:
+            self.cache.forget()
         self.cap = cap
         self.num_resizes += 1
         log.info("KV cache resized to %d cells, cap %d", self.backend.n_ctx, cap)
@@ -291,6 +323,10 @@ class Scheduler:
             for seq in request.sequences:
                 if seq.status != SeqStatus.FINISHED:
                     self._finish(seq, FinishReason.ERROR)
+
+    def fail_running(self, message: str) -> list[Delivery]:
+        self._fail({s.request for s in self.running}, message)
+        return self._take_out()
 
     def _unqueue(self, request: Request) -> None:
         for group in [g for g in self.waiting if g[0].request is request]:

@@ -29,10 +29,12 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class SharedPrefix:
-    """Prompt cells decoded once by a group's leader and copied (``seq_cp``) to the others."""
+    """First cells of a sequence that it shares: decoded once by a group's leader and copied
+    (``seq_cp``) to the others, or copied from (or into) the prefix cache, which counts them."""
 
-    leader: Sequence
+    leader: Sequence | None
     length: int
+    in_cache: bool = False
 
 
 @dataclass(eq=False, slots=True)

@@ -24,7 +24,8 @@ class EngineStatus:
     slots: list[SlotStatus]
     waiting: int
     cells_total: int
-    cells_used: int
+    cells_used: int  # held by sequences
+    cells_cached: int  # held by the prefix cache (given back first when room runs out)
     steps: int
     decode_calls: int
     preemptions: int
@@ -38,7 +39,7 @@ def snapshot(engine: Engine) -> EngineStatus:
     sched = engine.scheduler
     by_id = {s.seq_id: s for s in sched.running}
     slots = []
-    for seq_id in range(engine.backend.n_seq_max):
+    for seq_id in range(sched.num_slots):
         seq = by_id.get(seq_id)
         if seq is None:
             slots.append(SlotStatus(seq_id, "idle", 0))
@@ -56,7 +57,8 @@ def snapshot(engine: Engine) -> EngineStatus:
         slots=slots,
         waiting=engine.num_queued,
         cells_total=engine.backend.n_ctx,
-        cells_used=sched.kv_cells_used(),
+        cells_used=sched.kv_cells_used() - sched.kv_cells_cached(),
+        cells_cached=sched.kv_cells_cached(),
         steps=sched.num_steps,
         decode_calls=engine.backend.decode_calls,
         preemptions=sched.num_preemptions,

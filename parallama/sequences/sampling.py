@@ -35,8 +35,8 @@ def _build_chain(n_vocab: int, p: SamplingParams):
         biases = (llama_cpp.llama_logit_bias * len(p.logit_bias))(*p.logit_bias)
         add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
     if p.has_penalties:
-        add(llama_cpp.llama_sampler_init_penalties(
-            p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        add(llama_cpp.llama_sampler_init_penalties(  # this binding takes n_vocab first
+            n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
     if p.is_greedy:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain

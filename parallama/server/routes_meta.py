@@ -49,7 +49,7 @@ async def status(http: Request) -> dict:
         "sequences": {"cap": st.cap, "active": st.active, "max": len(st.slots), "ctx_size": s.ctx_size,
                       "slots": slots},
         "queue": {"waiting": st.waiting},
-        "kv": {"cells_total": st.cells_total, "cells_used": st.cells_used},
+        "kv": {"cells_total": st.cells_total, "cells_used": st.cells_used, "cells_cached": st.cells_cached},
         "engine": {"steps": st.steps, "decode_calls": st.decode_calls, "preemptions": st.preemptions},
         **st.extra,  # "memory" and "degradation" when the controller runs
     }

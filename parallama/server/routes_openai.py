@@ -76,7 +76,7 @@ def _checked(http: Request, body: SamplingFields) -> Served:
 
 def _n(body: SamplingFields, s: Served) -> int:
     n = body.n or 1
-    cap = s.engine.backend.n_seq_max
+    cap = s.engine.scheduler.num_slots
     if n > cap:
         raise InvalidRequest(f"n={n} is more than the {cap} sequences this server runs at once", "n")
     return n

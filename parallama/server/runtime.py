@@ -61,7 +61,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         raise
     context = ContextConfig(
         n_ctx=plan.kv_cells,
-        n_seq_max=plan.parallel,
+        n_seq_max=plan.parallel + (1 if settings.prefix_cache else 0),  # the cache's own seq_id
         n_batch=settings.batch_size,
         n_ubatch=settings.ubatch_size,
         n_threads=settings.threads or default_threads(),
@@ -79,8 +79,8 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         probe_interval=settings.memory_check_interval,
         recover_after=settings.recover_after,
     ))
-    engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue), probe,
-                    controller)
+    engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue,
+                                          prefix_cache=settings.prefix_cache), probe, controller)
     engine.start()
     model_id = settings.model_alias or path.stem
     log.info("serving %s: %s; n_batch %d, %d threads, %s", model_id, plan.describe(), context.n_batch,

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     memory_reserve: str = Field("1GiB", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB")
     memory_check_interval: float = Field(0.5, gt=0, description="seconds between memory readings while serving")
     recover_after: float = Field(3.0, ge=0, description="seconds of steady headroom before each step back up")
+    prefix_cache: bool = Field(True, description="keep the last prompt's KV to reuse its prefix (e.g. a shared system prompt)")
     batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
     ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")
