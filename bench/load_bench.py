@@ -162,7 +162,8 @@ def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
 # --- the in-process engine --------------------------------------------------------------------
 def context_config(args: argparse.Namespace) -> ContextConfig:
     """What ``parallama serve --parallel P --ctx-size N --kv-size P*N --threads T`` builds."""
-    return ContextConfig(n_ctx=args.parallel * args.ctx_size, n_seq_max=args.parallel, n_batch=args.batch_size,
+    # The server's context: one more seq_id for its prefix cache (on by default, as in the server).
+    return ContextConfig(n_ctx=args.parallel * args.ctx_size, n_seq_max=args.parallel + 1, n_batch=args.batch_size,
                          n_ubatch=args.batch_size, n_threads=args.threads)
 
 
@@ -189,7 +190,7 @@ def engine_baseline(args: argparse.Namespace, bias: dict[int, float]) -> dict:
     """One baseline run on a model and context of its own, all closed before it returns."""
     model = LlamaModel(ModelConfig(str(default_model_path())))
     backend = LlamaBackend(model, context_config(args))
-    engine = Engine(backend, EngineConfig(ctx_size=args.ctx_size))
+    engine = Engine(backend, EngineConfig(ctx_size=args.ctx_size, prefix_cache=True))
     engine.start()
     try:
         facts = backend.facts
