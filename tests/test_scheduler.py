@@ -685,3 +685,22 @@ def test_queue_bound_on_a_running_engine(make_engine):
         assert status.decode_calls == status.steps
 
     asyncio.run(main())
+
+
+def test_a_request_whose_start_fails_ends_with_an_error_and_the_rest_run():
+    class Refusing(FakeBackend):
+        def new_sampler(self, params):
+            if params.seed == 666:
+                raise RuntimeError("sampler refused")
+            return super().new_sampler(params)
+
+    d = Driver(Refusing(n_seq_max=2))
+    bad = Request("bad", [letter_token("a")], SamplingParams(max_tokens=3, seed=666), 1, None)
+    good = make_request("a", max_tokens=3)
+    d.add(bad)
+    d.add(good)
+    for _ in range(20):
+        d.step()
+    assert d.reasons(bad) == ["error"]
+    assert d.reasons(good) == ["length"]
+    assert len(d.sched.free_ids) == 2 and not d.sched.running

@@ -130,8 +130,13 @@ class Scheduler:
         while self.waiting and self._can_admit(self.waiting[0]):
             group = self.waiting.popleft()
             self.num_dequeued += group[0].admitted < 0
-            for seq in group:
-                self._start(seq)
+            try:
+                for seq in group:
+                    self._start(seq)
+            except Exception as exc:  # e.g. llama.cpp refused a sampler: fail this request, not the engine
+                log.exception("could not start %s", group[0].request.request_id)
+                self._fail({group[0].request}, str(exc))
+                continue
             leader, followers = group[0], group[1:]
             if followers and len(leader.prompt) > 1 and leader.num_computed == 0:
                 leader.followers = followers
