@@ -99,9 +99,6 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop_accepting(self) -> None:
-        self._accepting = False
-
     def shutdown(self, timeout: float | None = None) -> None:
         self._accepting = False
         self._stopping = True
@@ -193,9 +190,9 @@ class Engine:
             return self.scheduler.fail_running("internal error")
 
     def _watch_memory(self) -> None:
-        if self.controller is None or self.probe is None or time.monotonic() < self._next_probe:
-            return
         now = time.monotonic()
+        if self.controller is None or self.probe is None or now < self._next_probe:
+            return
         self._next_probe = now + self.controller.config.probe_interval
         try:
             resize = self.controller.observe(self.probe.read(), now)

@@ -68,19 +68,12 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None:
             return []
-        self._unqueue(request)
-        for seq in request.sequences:
-            if seq.status != SeqStatus.FINISHED:
-                self._finish(seq, FinishReason.CANCELLED)
+        self._end(request, FinishReason.CANCELLED)
         return self._take_out()
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
-
-    @property
-    def num_waiting_requests(self) -> int:
-        return len({id(g[0].request) for g in self.waiting})
 
     def kv_cells_used(self) -> int:
         """Cells in use, the prefix cache's included; a shared prefix counts once, as in llama.cpp."""
@@ -120,10 +113,7 @@ class Scheduler:
     def _expire(self, now: float) -> None:
         """Requests past their deadline finish with what they have (finish_reason "length")."""
         for request in [r for r in self.requests.values() if r.deadline is not None and r.deadline <= now]:
-            self._unqueue(request)
-            for seq in request.sequences:
-                if seq.status != SeqStatus.FINISHED:
-                    self._finish(seq, FinishReason.LENGTH)
+            self._end(request, FinishReason.LENGTH)
 
     # --- admission -----------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -324,10 +314,14 @@ class Scheduler:
     def _fail(self, requests: set[Request], message: str) -> None:
         for request in requests:
             request.error = message
-            self._unqueue(request)
-            for seq in request.sequences:
-                if seq.status != SeqStatus.FINISHED:
-                    self._finish(seq, FinishReason.ERROR)
+            self._end(request, FinishReason.ERROR)
+
+    def _end(self, request: Request, reason: FinishReason) -> None:
+        """Finish every sequence of a request that has not finished, queued or running."""
+        self._unqueue(request)
+        for seq in request.sequences:
+            if seq.status != SeqStatus.FINISHED:
+                self._finish(seq, reason)
 
     def fail_running(self, message: str) -> list[Delivery]:
         self._fail({s.request for s in self.running}, message)
