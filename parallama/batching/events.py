@@ -10,6 +10,10 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
 
+    def __add__(self, other: Usage) -> Usage:
+        """Usage of several requests together (a completions call with a list of prompts)."""
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens

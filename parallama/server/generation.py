@@ -101,7 +101,6 @@ def submit(engine: Engine, prompt: list[int], params: SamplingParams, n: int,
 async def collect(streams: list[RequestStream], n: int, http: Request) -> Outcome:
     """Run requests to the end (non-streaming). A client that hangs up cancels them."""
     outcome = Outcome([Choice() for _ in range(len(streams) * n)])
-    prompt = completion = 0
     async with watch_disconnect(http, streams):
         for i, stream in enumerate(streams):
             async with stream:
@@ -111,9 +110,7 @@ async def collect(streams: list[RequestStream], n: int, http: Request) -> Outcom
                     choice.text += event.text
                     choice.finish_reason = event.finish_reason or choice.finish_reason
                     if event.usage:
-                        prompt += event.usage.prompt_tokens
-                        completion += event.usage.completion_tokens
-    outcome.usage = Usage(prompt, completion)
+                        outcome.usage += event.usage
     return outcome
 
 

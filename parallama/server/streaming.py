@@ -58,7 +58,7 @@ async def completion_events(streams: list[RequestStream], n: int, writer: ChunkW
 
 
 async def _events(streams, n, writer, make_choice) -> AsyncIterator[str]:
-    prompt = completion = 0
+    usage = Usage(0, 0)
     async for index, event in merged(streams, n):
         if event.error:
             yield error_event("the engine failed while generating this request")
@@ -69,10 +69,9 @@ async def _events(streams, n, writer, make_choice) -> AsyncIterator[str]:
         if event.finish_reason:
             yield writer.chunk([make_choice(index, "", event.finish_reason)])
         if event.usage:
-            prompt += event.usage.prompt_tokens
-            completion += event.usage.completion_tokens
+            usage += event.usage
     if writer.include_usage:
-        yield writer.chunk([], Usage(prompt, completion))
+        yield writer.chunk([], usage)
     yield DONE
 
 
