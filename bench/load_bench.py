@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout, installed or not
 
 from parallama.batching import Engine, EngineConfig  # noqa: E402
+from parallama.memory.sizing import SeqLayout, seq_layout  # noqa: E402
 from parallama.sequences import SamplingParams  # noqa: E402
 from parallama.sequences.config import ContextConfig, ModelConfig  # noqa: E402
 from parallama.sequences.llama_backend import LlamaBackend  # noqa: E402
@@ -162,9 +163,13 @@ def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
 # --- the in-process engine --------------------------------------------------------------------
 def context_config(args: argparse.Namespace) -> ContextConfig:
     """What ``parallama serve --parallel P --ctx-size N --kv-size P*N --threads T`` builds."""
-    # The server's context: one more seq_id for its prefix cache (on by default, as in the server).
-    return ContextConfig(n_ctx=args.parallel * args.ctx_size, n_seq_max=args.parallel + 1, n_batch=args.batch_size,
-                         n_ubatch=args.batch_size, n_threads=args.threads)
+    # The server's context: the prefix cache's seq_ids beside the slots (on by default, as in the server).
+    return ContextConfig(n_ctx=args.parallel * args.ctx_size, n_seq_max=server_layout(args).n_seq_max,
+                         n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=args.threads)
+
+
+def server_layout(args: argparse.Namespace) -> SeqLayout:
+    return seq_layout(args.parallel, prefix_cache=True, n_batch=args.batch_size)
 
 
 async def engine_level(engine: Engine, prompts: list[list[int]], params: SamplingParams,
@@ -190,7 +195,7 @@ def engine_baseline(args: argparse.Namespace, bias: dict[int, float]) -> dict:
     """One baseline run on a model and context of its own, all closed before it returns."""
     model = LlamaModel(ModelConfig(str(default_model_path())))
     backend = LlamaBackend(model, context_config(args))
-    engine = Engine(backend, EngineConfig(ctx_size=args.ctx_size, prefix_cache=True))
+    engine = Engine(backend, EngineConfig(ctx_size=args.ctx_size, layout=server_layout(args)))
     engine.start()
     try:
         facts = backend.facts

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from parallama.batching.degradation import DegradationConfig, DegradationController, Resize
-from parallama.batching.memory import GiB, MiB, MemoryReading
+from parallama.memory.degradation import DegradationConfig, DegradationController, Resize
+from parallama.memory.probes import GiB, MiB, MemoryReading
 from parallama.batching.scheduler import Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.sequences import SamplingParams
@@ -109,7 +109,7 @@ def test_margin_above_reserve_holds_instead_of_growing():
 
 
 def test_gpu_pool_sets_the_size_when_layers_are_offloaded():
-    from parallama.batching.memory import GpuDevice
+    from parallama.memory.probes import GpuDevice
 
     ctl = DegradationController(config(gpu_fraction=1))
     reading = MemoryReading(host_available=30 * GiB, host_total=32 * GiB,
@@ -120,13 +120,17 @@ def test_gpu_pool_sets_the_size_when_layers_are_offloaded():
 # --- the scheduler's levers (fake backend) ----------------------------------------------------
 
 
-def run_all(sched: Scheduler, limit: int = 500) -> dict[str, list[int]]:
+def run_all(sched: Scheduler, limit: int = 500, kv_full: list[int] | None = None) -> dict[str, list[int]]:
+    """Step to the end; ``kv_full`` collects the running counts the scheduler reports when KV runs out."""
     outputs: dict[str, list[int]] = {}
     for _ in range(limit):
         if not sched.has_work:
             break
-        for request, event in sched.step():
-            outputs.setdefault(request.request_id, []).extend(event.token_ids)
+        result = sched.step()
+        if result.kv_full_running and kv_full is not None:
+            kv_full.append(result.kv_full_running)
+        for request_id, event in result.events:
+            outputs.setdefault(request_id, []).extend(event.token_ids)
         assert sched.backend.cells_used == sched.kv_cells_used()
     assert not sched.has_work
     return outputs
@@ -139,19 +143,19 @@ def make(n_ctx: int, n_seq_max: int = 4) -> Scheduler:
 
 def add(sched: Scheduler, name: str, prompt: str, max_tokens: int) -> None:
     tokens = sched.backend.tokenize(prompt)
-    sched.add(Request(name, tokens, SamplingParams(temperature=0, max_tokens=max_tokens), 1, None))
+    sched.add(Request(name, tokens, SamplingParams(temperature=0, max_tokens=max_tokens), 1))
 
 
 def test_kv_full_parks_the_newest_and_it_resumes_exactly():
     roomy = make(n_ctx=1000)
     tight = make(n_ctx=60)
-    caps = []
-    tight.on_kv_full = lambda running: caps.append(running) or max(1, running // 2)
+    kv_full: list[int] = []
     for sched in (roomy, tight):
         for i, prompt in enumerate(["abc", "hij", "opq", "uvw"]):
             add(sched, f"r{i}", prompt, 20)
-    expected, got = run_all(roomy), run_all(tight)
-    assert tight.num_preemptions > 0 and caps  # it really ran out, and told the controller
+    expected, got = run_all(roomy), run_all(tight, kv_full=kv_full)
+    assert tight.num_preemptions > 0 and kv_full  # it really ran out, and reported it with the step
+    assert all(2 <= running <= 4 for running in kv_full)
     assert got == expected  # parked KV came back: every output is the same as without pressure
     assert tight.backend.cells_used == 0 and sorted(tight.free_ids) == [0, 1, 2, 3]
 
@@ -165,11 +169,11 @@ def test_resize_parks_everything_rebuilds_and_restores():
     expected = run_all(reference)
     outputs: dict[str, list[int]] = {}
     for _ in range(5):
-        for request, event in sched.step():
-            outputs.setdefault(request.request_id, []).extend(event.token_ids)
+        for request_id, event in sched.step().events:
+            outputs.setdefault(request_id, []).extend(event.token_ids)
     assert len(sched.running) == 3
-    sched.resize(120, cap=2)
-    assert sched.backend.n_ctx == 120 and sched.cap == 2 and sched.num_resizes == 1
+    sched.resize(120)
+    assert sched.backend.n_ctx == 120 and sched.num_resizes == 1
     assert len(sched.waiting) == 3 and all(g[0].parked is not None for g in sched.waiting)
     for request_id, tokens in run_all(sched).items():
         outputs.setdefault(request_id, []).extend(tokens)

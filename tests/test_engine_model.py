@@ -27,7 +27,7 @@ import pytest
 from conftest import collect, collect_all, record_plans, run
 
 from parallama.sequences import BatchItem, BatchPlan, DecodeOutcome, SamplingParams
-from parallama.sequences.detokenizer import IncrementalDetokenizer
+from parallama.batching.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.model
 
@@ -102,7 +102,7 @@ def test_eight_requests_at_once_all_finish_with_usage(make_backend, make_engine)
             assert len(out) == 16
         assert result.texts[0].strip()
     assert [len(p.items) for p in plans[:1]] == [8]  # all eight prompts went into the first decode
-    assert (status.active, status.waiting, status.cells_used) == (0, 0, 0)
+    assert (status.scheduler.running, status.queued, status.scheduler.cells_used) == (0, 0, 0)
     assert kv_is_empty(backend)
 
 
@@ -282,7 +282,7 @@ def test_leaving_the_stream_early_cancels_and_frees_the_sequence(make_backend, m
                     break
         status = await engine.status()  # queued behind the cancel
         final = None
-        if status.active:
+        if status.scheduler.running:
             return status, final  # not cancelled: fail now rather than read 500 tokens
         for _ in range(1000):
             event = await asyncio.wait_for(stream.queue.get(), 60)
@@ -292,7 +292,7 @@ def test_leaving_the_stream_early_cancels_and_frees_the_sequence(make_backend, m
         return status, final
 
     status, final = run(main())
-    assert (status.active, status.cells_used, status.waiting) == (0, 0, 0)
+    assert (status.scheduler.running, status.scheduler.cells_used, status.queued) == (0, 0, 0)
     assert kv_is_empty(backend)
     assert final is not None and final.finish_reason == "cancelled"
     assert 3 <= final.usage.completion_tokens < 500
@@ -314,7 +314,7 @@ def test_cancelling_a_queued_request(make_backend, make_engine, no_eog):
     collected, status, final = run(main())
     assert collected.usage.completion_tokens == 12
     assert final.finish_reason == "cancelled" and final.usage.completion_tokens == 0
-    assert (status.active, status.waiting, status.cells_used) == (0, 0, 0)
+    assert (status.scheduler.running, status.queued, status.scheduler.cells_used) == (0, 0, 0)
     assert engine.num_queued == 0
 
 
@@ -334,9 +334,9 @@ def test_kv_pressure_preempts_and_every_request_finishes(make_backend, make_engi
 
     results, status = run(main())
     assert any(p.outcome is DecodeOutcome.NO_KV_SLOT for p in plans)  # llama_decode really returned 1
-    assert status.preemptions > 0
+    assert status.scheduler.preemptions > 0
     assert all(r.usage.completion_tokens == 60 and r.finish_reasons == ["length"] for r in results)
-    assert status.cells_used == 0 and kv_is_empty(backend)
+    assert status.scheduler.cells_used == 0 and kv_is_empty(backend)
 
 
 def test_sequence_larger_than_the_cache_ends_with_length(make_backend, make_engine, no_eog):

@@ -79,8 +79,10 @@ def test_completion_prompt_bounds(http, prompt, param):
 def test_prompt_longer_than_context_is_refused_with_numbers(http):
     long_text = "word " * 400
     response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]})
-    error = assert_openai_error(response, 400, code="context_length_exceeded")
+    error = assert_openai_error(response, 400, param="messages", code="context_length_exceeded")
     assert "256" in error["message"]
+    response = http.post("/v1/completions", json={"prompt": long_text})
+    assert_openai_error(response, 400, param="prompt", code="context_length_exceeded")  # the field it has
     response = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 300})
     error = assert_openai_error(response, 400, param="max_tokens", code="context_length_exceeded")
     assert "256" in error["message"] and "300" in error["message"]

@@ -1,4 +1,5 @@
-"""Dependencies point one way: server -> batching -> sequences -> llama_cpp.
+"""Dependencies point one way: server -> batching -> memory, sequences -> llama_cpp (memory and sequences
+never import each other; memory imports nothing of parallama but itself).
 
 Every module under parallama/ is parsed (ast) and its imports resolved, including relative imports,
 imports inside functions and ``TYPE_CHECKING`` blocks.
@@ -68,7 +69,7 @@ def violations(layer: str, forbidden: tuple[str, ...]) -> list[str]:
 
 def test_the_walk_sees_every_layer_and_real_imports():
     names = {module_name(p) for p in MODULES}
-    for layer in ("sequences", "batching", "server"):
+    for layer in ("sequences", "memory", "batching", "server"):
         assert any(refers_to(n, f"parallama.{layer}") for n in names), layer
     # the walk must see real arrows, or the rules below would pass on nothing
     backend = PACKAGE_DIR / "sequences" / "llama_backend.py"
@@ -88,6 +89,11 @@ def test_sequences_imports_neither_batching_nor_server():
     assert violations("sequences", ("parallama.batching", "parallama.server", *HTTP_LIBRARIES)) == []
 
 
+def test_memory_imports_no_other_layer_and_no_llama_cpp():
+    assert violations("memory", ("parallama.batching", "parallama.server", "parallama.sequences", "llama_cpp",
+                                 *HTTP_LIBRARIES)) == []
+
+
 def test_batching_imports_neither_server_nor_http_nor_llama_cpp():
     assert violations("batching", ("parallama.server", "llama_cpp", *HTTP_LIBRARIES)) == []
 
@@ -102,7 +108,8 @@ def test_only_the_sequences_layer_imports_llama_cpp():
 
 @pytest.mark.parametrize("package, absent", [
     ("parallama.batching", ("llama_cpp", "fastapi", "parallama.server")),
-    ("parallama.sequences", ("fastapi", "parallama.batching", "parallama.server")),
+    ("parallama.sequences", ("fastapi", "parallama.batching", "parallama.server", "parallama.memory")),
+    ("parallama.memory", ("llama_cpp", "fastapi", "parallama.batching", "parallama.server", "parallama.sequences")),
 ])
 def test_importing_a_layer_loads_nothing_above_or_beside_it(package, absent):
     """The transitive check: what Python really loads, not only what one file names."""

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from parallama.batching.memory import (
+from parallama.memory.probes import (
     GiB,
     GpuDevice,
     KiB,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from parallama.batching.prefix_cache import MIN_REUSE
 from parallama.batching.scheduler import Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
+from parallama.memory.sizing import SeqLayout
 from parallama.sequences import SamplingParams
 from parallama.sequences.fake_backend import FakeBackend
 
@@ -13,12 +14,12 @@ SYSTEM = "abcdefghijklmnopqrstuvwxyz"  # 26 tokens every prompt starts with
 
 def make(prefix_cache: bool, n_ctx: int = 400, n_seq_max: int = 5) -> Scheduler:
     backend = FakeBackend(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=64)
-    return Scheduler(backend, SchedulerConfig(ctx_size=200, growth_margin=4, prefix_cache=prefix_cache))
+    layout = SeqLayout(n_seq_max - 1, 1) if prefix_cache else SeqLayout(n_seq_max)
+    return Scheduler(backend, SchedulerConfig(ctx_size=200, growth_margin=4, layout=layout))
 
 
 def add(sched: Scheduler, name: str, text: str, max_tokens: int = 5, n: int = 1) -> Request:
-    request = Request(name, sched.backend.tokenize(text), SamplingParams(temperature=0, max_tokens=max_tokens), n,
-                      None)
+    request = Request(name, sched.backend.tokenize(text), SamplingParams(temperature=0, max_tokens=max_tokens), n)
     sched.add(request)
     return request
 
@@ -28,8 +29,8 @@ def drain(sched: Scheduler) -> dict[str, list[int]]:
     for _ in range(300):
         if not sched.has_work:
             break
-        for request, event in sched.step():
-            out.setdefault(request.request_id, []).extend(event.token_ids)
+        for request_id, event in sched.step().events:
+            out.setdefault(request_id, []).extend(event.token_ids)
         assert sched.backend.cells_used == sched.kv_cells_used()  # every cell counted exactly once
     assert not sched.has_work
     return out
@@ -120,7 +121,7 @@ def test_resize_forgets_the_cache():
     sched = make(prefix_cache=True)
     add(sched, "first", SYSTEM + "hello")
     drain(sched)
-    sched.resize(256, cap=2)
+    sched.resize(256)
     assert sched.kv_cells_cached() == 0 and sched.backend.cells_used == 0
     add(sched, "again", SYSTEM + "hello")
     drain(sched)

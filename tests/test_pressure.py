@@ -20,7 +20,7 @@ import psutil
 import pytest
 from serving import live_server
 
-from parallama.batching.memory import GiB, MemoryReading, MiB
+from parallama.memory.probes import GiB, MemoryReading, MiB
 
 pytestmark = pytest.mark.model
 
@@ -215,12 +215,12 @@ def test_a_sequence_moved_to_a_rebuilt_cache_continues_bit_for_bit(make_backend)
         sched = Scheduler(backend, SchedulerConfig(ctx_size=512))
         prompt = backend.tokenize("<|im_start|>user\nDescribe a lighthouse at night.<|im_end|>\n"
                                   "<|im_start|>assistant\n", True, True)
-        sched.add(Request("r", prompt, SamplingParams(temperature=0, max_tokens=48), 1, None))
+        sched.add(Request("r", prompt, SamplingParams(temperature=0, max_tokens=48), 1))
         tokens: list[int] = []
         while sched.has_work:
             if sched.num_steps == resize_at:
-                sched.resize(512, cap=1)
-            tokens += [t for _, event in sched.step() for t in event.token_ids]
+                sched.resize(512)
+            tokens += [t for _, event in sched.step().events for t in event.token_ids]
         return tokens, sched
 
     expected, _ = generate(None)

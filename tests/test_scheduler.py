@@ -29,7 +29,7 @@ def make_request(prompt: str = "a", max_tokens: int = 8, n: int = 1, stop: tuple
                  request_id: str | None = None) -> Request:
     tokens = [letter_token(c) for c in prompt]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
-    return Request(request_id or f"r{next(_ids)}", tokens, params, n, sink=None)
+    return Request(request_id or f"r{next(_ids)}", tokens, params, n)
 
 
 def expected_letters(prompt: str, count: int) -> str:
@@ -51,16 +51,20 @@ class Driver:
         self.events: dict[str, list] = defaultdict(list)
         self.event_steps: dict[str, list[int]] = defaultdict(list)  # step number of each event
         self.max_running = 0
+        self.cap: int | None = None  # the degradation controller's part; None: every slot
+        self.preempted: list[str] = []  # request ids, in the order their sequences were parked
+        preempt = self.sched.preempt
+        self.sched.preempt = lambda seq: (self.preempted.append(seq.request.request_id), preempt(seq))[1]
 
     def add(self, *requests: Request) -> None:
         for request in requests:
             self.sched.add(request)
 
     def step(self) -> list:
-        out = self.sched.step()
-        for request, event in out:
-            self.events[request.request_id].append(event)
-            self.event_steps[request.request_id].append(self.sched.num_steps)
+        out = self.sched.step(self.cap).events
+        for request_id, event in out:
+            self.events[request_id].append(event)
+            self.event_steps[request_id].append(self.sched.num_steps)
         self.check()
         return out
 
@@ -178,7 +182,7 @@ def test_admission_up_to_n_seq_max_then_fcfs():
 
 def test_cap_below_n_seq_max_limits_running():
     d = Driver(FakeBackend(n_seq_max=4))
-    d.sched.cap = 2
+    d.cap = 2
     requests = [make_request("a", max_tokens=4) for _ in range(5)]
     d.add(*requests)
     d.step()
@@ -191,7 +195,7 @@ def test_cap_below_n_seq_max_limits_running():
 
 def test_idle_scheduler_admits_head_even_when_cap_is_zero():
     d = Driver(FakeBackend(n_seq_max=2))
-    d.sched.cap = 0
+    d.cap = 0
     r = make_request("a", max_tokens=2)
     d.add(r)
     d.run()
@@ -294,8 +298,8 @@ def test_abort_waiting_request():
     assert d.sched.num_dequeued == 1
     out = d.sched.abort(waiting.request_id)
     assert len(out) == 1
-    request, event = out[0]
-    assert request is waiting
+    request_id, event = out[0]
+    assert request_id == waiting.request_id
     assert event.finish_reason == "cancelled" and event.text == "" and event.token_ids == []
     assert (event.usage.prompt_tokens, event.usage.completion_tokens) == (3, 0)
     assert not d.sched.waiting
@@ -319,7 +323,7 @@ def test_abort_running_request_frees_everything():
     victim_seq = victim.sequences[0]
     seq_id = victim_seq.seq_id
     out = d.sched.abort(victim.request_id)
-    assert [(r.request_id, e.finish_reason) for r, e in out] == [(victim.request_id, "cancelled")]
+    assert [(rid, e.finish_reason) for rid, e in out] == [(victim.request_id, "cancelled")]
     assert out[0][1].usage.completion_tokens == 3
     assert backend.kv_tokens(seq_id) == []
     assert seq_id in d.sched.free_ids
@@ -486,8 +490,8 @@ def test_kv_exhaustion_preempts_the_newest_and_it_resumes_with_the_same_output()
     d.run()
     assert DecodeOutcome.NO_KV_SLOT in backend.outcomes
     assert d.sched.num_preemptions > 0
-    assert newest.num_preemptions > 0
-    assert oldest.num_preemptions == 0
+    assert newest.request.request_id in d.preempted
+    assert oldest.request.request_id not in d.preempted
     assert outcome(d, requests) == outcome(calm, calm_requests)  # nothing lost, nothing changed
 
 
@@ -497,8 +501,7 @@ def test_transient_decode_failure_preempts_and_output_is_unchanged():
     d, requests = run_workload(backend)
     assert backend.outcomes[2] is DecodeOutcome.NO_KV_SLOT
     assert d.sched.num_preemptions == 1
-    preempted = [r for r in requests if r.sequences[0].num_preemptions]
-    assert [r.request_id for r in preempted] == ["w2"]  # the newest
+    assert d.preempted == ["w2"]  # the newest
     assert outcome(d, requests) == outcome(calm, calm_requests)
 
 
@@ -512,7 +515,7 @@ def test_preempted_sequence_resumes_from_its_parked_kv():
     # decode 4 failed: "xy" (the newest) was parked with its 4 cells (x y z a), "b" sampled and pending
     assert backend.outcomes[3] is DecodeOutcome.NO_KV_SLOT
     seq = newest.sequences[0]
-    assert seq.seq_id is None and seq.num_preemptions == 1
+    assert seq.seq_id is None and d.preempted == [newest.request_id]
     assert seq.parked == bytes(letter_token(c) for c in "xyza")
     d.step()
     # decode 5: it was restored, not recomputed: one token at position 4, after the parked cells
@@ -550,7 +553,7 @@ def test_abort_of_a_parked_sequence():
     d.add(first, newest)
     for _ in range(4):
         d.step()
-    assert newest.sequences[0].num_preemptions == 1
+    assert d.preempted == [newest.request_id]
     seq = newest.sequences[0]
     assert seq.parked is not None and seq.seq_id is None
     dequeued = d.sched.num_dequeued
@@ -681,8 +684,8 @@ def test_queue_bound_on_a_running_engine(make_engine):
         later = engine.submit([letter_token("x")], params)  # room again
         assert (await collect(later))[0] == "yza"
         status = await engine.status()
-        assert (status.active, status.waiting, status.cells_used) == (0, 0, 0)
-        assert status.decode_calls == status.steps
+        assert (status.scheduler.running, status.queued, status.scheduler.cells_used) == (0, 0, 0)
+        assert status.decode_calls == status.scheduler.steps
 
     asyncio.run(main())
 
@@ -695,7 +698,7 @@ def test_a_request_whose_start_fails_ends_with_an_error_and_the_rest_run():
             return super().new_sampler(params)
 
     d = Driver(Refusing(n_seq_max=2))
-    bad = Request("bad", [letter_token("a")], SamplingParams(max_tokens=3, seed=666), 1, None)
+    bad = Request("bad", [letter_token("a")], SamplingParams(max_tokens=3, seed=666), 1)
     good = make_request("a", max_tokens=3)
     d.add(bad)
     d.add(good)
@@ -704,3 +707,57 @@ def test_a_request_whose_start_fails_ends_with_an_error_and_the_rest_run():
     assert d.reasons(bad) == ["error"]
     assert d.reasons(good) == ["length"]
     assert len(d.sched.free_ids) == 2 and not d.sched.running
+
+
+# --- commands always answer their callers ----------------------------------------------------------------------
+def test_a_failing_snapshot_answers_the_caller_with_its_error(make_engine, monkeypatch):
+    engine = make_engine(FakeBackend(n_seq_max=2), 64)
+
+    def broken_stats():
+        raise RuntimeError("stats broke")
+
+    async def main():
+        monkeypatch.setattr(engine.scheduler, "stats", broken_stats)
+        with pytest.raises(RuntimeError, match="stats broke"):
+            await asyncio.wait_for(engine.status(), 30)
+        monkeypatch.undo()
+        status = await asyncio.wait_for(engine.status(), 30)  # the worker lives on
+        assert status.scheduler.running == 0 and status.cap == 2
+
+    asyncio.run(main())
+
+
+def test_a_failing_add_ends_that_stream_with_an_error_and_others_run(make_engine, monkeypatch):
+    engine = make_engine(FakeBackend(n_seq_max=2), 64)
+    real_add = engine.scheduler.add
+
+    def picky_add(request):
+        if request.prompt == [letter_token("z")]:
+            raise RuntimeError("add broke")
+        real_add(request)
+
+    monkeypatch.setattr(engine.scheduler, "add", picky_add)
+
+    async def main():
+        bad = engine.submit([letter_token("z")], SamplingParams(max_tokens=3))
+        good = engine.submit([letter_token("a")], SamplingParams(max_tokens=3))
+        events = [event async for event in bad]
+        assert len(events) == 1 and events[0].error == "add broke" and events[0].usage is not None
+        assert (await asyncio.wait_for(collect(good), 30))[0] == "bcd"
+        assert engine.num_queued == 0  # the failed request does not linger in the queue count
+
+    asyncio.run(main())
+
+
+def test_status_of_a_stopped_engine_raises_instead_of_hanging():
+    from parallama.batching import EngineStopped
+
+    engine = Engine(FakeBackend(n_seq_max=1), EngineConfig(ctx_size=64))
+    engine.start()
+    engine.shutdown(timeout=30)
+
+    async def main():
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(engine.status(), 30)
+
+    asyncio.run(main())

@@ -49,6 +49,8 @@ def test_chat_non_streaming_shape_and_usage(http, server):
     (choice,) = out["choices"]
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"]
+    assert "refusal" in choice["message"] and choice["message"]["refusal"] is None  # required by OpenAI's schema
+    assert "system_fingerprint" not in out  # typed as a string there: absent rather than null
     assert choice["finish_reason"] == "length"
     rendered = server.served.template.render(HELLO)
     prompt_tokens = len(server.served.engine.tokenize(rendered, True, True))
@@ -65,6 +67,7 @@ def test_chat_streaming_chunks_and_equal_text(http):
     assert len(finals) == 1 and finals[0]["choices"][0]["delta"] == {}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
     assert all(c["usage"] is None for c in chunks[:-1])
+    assert not any("system_fingerprint" in c for c in chunks)
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert streamed == chat(http)["choices"][0]["message"]["content"]
 
@@ -130,6 +133,9 @@ def test_models_and_model_lookup(http, server):
     assert [m["id"] for m in models["data"]] == [server.served.model_id]
     one = http.get(f"/v1/models/{server.served.model_id}")
     assert one.status_code == 200 and one.json()["id"] == server.served.model_id
+    # Exactly OpenAI's Model object: the model's facts live in /status
+    assert set(one.json()) == {"id", "object", "created", "owned_by"} == set(models["data"][0])
+    assert http.get("/status").json()["model_facts"]["n_vocab"] == server.served.n_vocab
     missing = http.get("/v1/models/gpt-4")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 

@@ -8,13 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parallama.batching.memory import GiB, GpuDevice, KiB, MemoryReading, MiB
-from parallama.batching.sizing import (
+from parallama.memory.degradation import cells_that_fit
+from parallama.memory.probes import GiB, GpuDevice, KiB, MemoryReading, MiB
+from parallama.memory.sizing import (
     COMPUTE_FIXED,
     SizingError,
     SizingInput,
+    SeqLayout,
     SizingPlan,
-    cells_that_fit,
     compute_bytes,
     plan_sizing,
 )
@@ -267,7 +268,7 @@ def test_auto_plan_invariants(free_cells, ctx, max_parallel):
 
 def plan_of(**changes) -> SizingPlan:
     fields = dict(
-        parallel=8,
+        layout=SeqLayout(8),
         kv_cells=12288,
         ctx_size=2048,
         kv_bytes_per_token=4096,
@@ -293,7 +294,7 @@ def test_describe_names_gpu_memory_and_cache_types():
     assert full.describe().endswith("= 48 MiB (q8_0/q8_0) + 98 MiB weights; 70 GiB GPU free; reserve 2 GiB")
     partial = plan_of(gpu_free=70 * GiB, gpu_fraction=Fraction(1, 2))
     assert "; 70 GiB GPU + 21.3 GiB RAM free;" in partial.describe()
-    assert plan_of(parallel=1).describe().startswith("1 sequence x 2048 tokens")
+    assert plan_of(layout=SeqLayout(1)).describe().startswith("1 sequence x 2048 tokens")
 
 
 def test_describe_of_a_real_plan():
@@ -367,8 +368,39 @@ def test_gpu_reading_missing_does_not_shrink_the_cache():
     assert fit(reading, gpu_fraction=Fraction(1, 2)) == 8192
 
 
-def test_plan_cells_now_matches_cells_that_fit():
-    plan = plan_sizing(model(), ram(8192))
-    assert plan.cells_now(host(RESERVE - 256 * MiB), plan.kv_cells) == 4096
-    assert plan.cells_now(host(RESERVE + GiB), plan.kv_cells) == 8192
-    assert plan.cells_now(host(0), plan.kv_cells) == CTX
+# --- the seq_id layout ---------------------------------------------------------------------------
+
+
+def test_layout_gives_the_prefix_cache_its_own_ids_beyond_the_slots():
+    plan = plan_sizing(model(parallel=8, prefix_cache=True), ram(1_000_000))
+    assert (plan.layout.slots, plan.parallel) == (8, 8)
+    assert plan.layout.cache_seq_ids == range(8, 8 + 3 * 8)
+    assert plan.layout.n_seq_max == 32
+    assert plan_sizing(model(parallel=8), ram(1_000_000)).layout.n_seq_max == 8  # no cache, no extra ids
+
+
+def test_a_small_batch_size_bounds_slots_and_cache_ids_together():
+    # llama.cpp aborts when n_seq_max exceeds n_batch: the slots and the cache share those ids.
+    plan = plan_sizing(model(n_batch=16, prefix_cache=True), ram(1_000_000))
+    assert (plan.layout.slots, plan.layout.cache_ids) == (15, 1)
+    plan = plan_sizing(model(parallel=8, n_batch=16, prefix_cache=True), ram(1_000_000))
+    assert (plan.layout.slots, plan.layout.cache_ids) == (8, 8)
+    assert plan_sizing(model(parallel=16, n_batch=16), ram(1_000_000)).layout.n_seq_max == 16
+
+
+def test_layout_stays_within_llamas_seq_limit():
+    plan = plan_sizing(model(parallel=200, max_parallel=256, prefix_cache=True), ram(1_000_000))
+    assert plan.layout.n_seq_max == 256 and plan.layout.cache_ids == 56
+    auto = plan_sizing(model(max_parallel=256, n_batch=512, prefix_cache=True, ctx_size=64), ram(1_000_000))
+    assert auto.layout.slots == 255 and auto.layout.cache_ids == 1
+    assert plan.compute_bytes == compute_bytes(512, VOCAB, 256)  # an output row for every seq_id
+
+
+def test_parallel_that_leaves_no_id_for_the_cache_is_refused_in_flag_terms():
+    with pytest.raises(SizingError, match=r"--parallel 256 leaves no sequence id for --prefix-cache.*--prefix-cache false"):
+        plan_sizing(model(parallel=256, max_parallel=256, prefix_cache=True, ctx_size=64), ram(1_000_000))
+    with pytest.raises(SizingError, match=r"--parallel 16 leaves no sequence id for --prefix-cache within "
+                                          r"--batch-size 16.*--parallel 15 or less"):
+        plan_sizing(model(parallel=16, n_batch=16, prefix_cache=True), ram(1_000_000))
+    with pytest.raises(SizingError, match=r"--parallel 32 exceeds --batch-size 16"):
+        plan_sizing(model(parallel=32, n_batch=16, prefix_cache=True), ram(1_000_000))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parallama.sequences.detokenizer import IncrementalDetokenizer
-from parallama.sequences.stops import StopMatcher
+from parallama.batching.detokenizer import IncrementalDetokenizer
+from parallama.batching.stops import StopMatcher
 
 TEXT = "héllo 👋 世界"
 

@@ -1,6 +1,7 @@
-"""The dispatcher: request queue, continuous-batching scheduler, and (later) memory-aware sizing.
+"""The dispatcher: typed commands in, events out; the continuous-batching scheduler, the prefix
+cache, and one statistics value.
 
-Imports ``parallama.sequences`` only: no FastAPI, no llama_cpp.
+Imports ``parallama.sequences`` and ``parallama.memory`` only: no FastAPI, no llama_cpp.
 """
 
 from parallama.batching.engine import Engine, EngineConfig, EngineStopped, QueueFull, RequestStream

@@ -14,16 +14,18 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from parallama.batching.degradation import DegradationController
-from parallama.batching.events import Event
-from parallama.batching.memory import MemoryProbe
+from parallama.batching.commands import Abort, Add, Command, Reply, Sink, Snapshot
+from parallama.batching.events import Event, Usage
 from parallama.batching.scheduler import Delivery, Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
-from parallama.batching.status import EngineStatus, snapshot
-from parallama.sequences import Backend, SamplingParams
+from parallama.batching.stats import EngineStats
+from parallama.memory.degradation import DegradationController
+from parallama.memory.probes import MemoryProbe
+from parallama.memory.sizing import SeqLayout
+from parallama.sequences import Backend, ModelFacts, SamplingParams
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count(1)
@@ -42,7 +44,7 @@ class EngineConfig:
     ctx_size: int  # most tokens (prompt + output) one sequence may hold
     max_queue: int = 256  # requests waiting for a sequence before submit() raises QueueFull
     growth_margin: int = 16
-    prefix_cache: bool = False  # the backend's last seq_id holds a cross-request prefix cache
+    layout: SeqLayout | None = None  # the plan's slots and prefix-cache ids; None: all slots, no cache
 
 
 class RequestStream:
@@ -76,20 +78,27 @@ class Engine:
     def __init__(self, backend: Backend, config: EngineConfig, probe: MemoryProbe | None = None,
                  controller: DegradationController | None = None) -> None:
         """With a probe and a controller, the engine reads memory every ``probe_interval`` seconds
-        and lets the controller resize the KV cache and move the sequence cap while it serves."""
+        and lets the controller resize the KV cache and move the sequence cap while it serves.
+
+        ``backend``, ``scheduler`` and ``controller`` belong to the worker thread once it runs; the
+        event loop reads only ``facts``, ``num_slots`` and the counters the worker publishes."""
         self.backend = backend
         self.config = config
-        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin,
-                                                            config.prefix_cache))
+        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin, config.layout))
         self.probe = probe
         self.controller = controller
+        self.facts: ModelFacts = backend.facts  # immutable: safe to read from any thread
+        self.num_slots = self.scheduler.num_slots  # the most sequences one request (n) may take
         self._next_probe = 0.0
-        if controller is not None:
-            self.scheduler.cap = controller.cap
-            self.scheduler.on_kv_full = lambda running: controller.on_kv_full(running, time.monotonic())
-        self._commands: deque[Callable[[], list[Delivery] | None]] = deque()
+        self._cap = self._wanted_cap()
+        self._commands: deque[Command] = deque()
         self._wake = threading.Event()
-        self._submitted = 0  # with scheduler.num_dequeued, gives the requests still queued
+        self._sinks: dict[str, Sink] = {}  # worker-only: where each request's events go
+        # Counters for the queue bound: _submitted is written by the event loop, the rest by the worker.
+        self._submitted = 0
+        self._failed_adds = 0
+        self._free_slots = self._cap
+        self._has_work = False
         self._submit_lock = threading.Lock()
         self._accepting = True
         self._stopping = False
@@ -112,45 +121,47 @@ class Engine:
         seconds it finishes with what it has generated."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
-        if n > self.scheduler.num_slots:
-            raise ValueError(f"n={n} exceeds the {self.scheduler.num_slots} sequences of this engine")
+        if n > self.num_slots:
+            raise ValueError(f"n={n} exceeds the {self.num_slots} sequences of this engine")
         with self._submit_lock:
             if self.num_beyond_capacity >= self.config.max_queue:
                 raise QueueFull(f"{self.num_beyond_capacity} requests are already waiting for a sequence")
             self._submitted += 1
         request_id = f"req-{next(_request_ids)}"
         stream = RequestStream(self, request_id)
-        request = Request(request_id, list(prompt), params, n, (asyncio.get_running_loop(), stream.queue))
+        request = Request(request_id, list(prompt), params, n)
         if timeout is not None:
             request.deadline = time.monotonic() + timeout
-        self._send(lambda: self.scheduler.add(request))
+        self._send(Add(request, Sink(asyncio.get_running_loop(), stream.queue)))
         return stream
 
     def cancel(self, request_id: str) -> None:
-        self._send(lambda: self.scheduler.abort(request_id))
+        self._send(Abort(request_id))
 
-    async def status(self) -> EngineStatus:
+    async def status(self) -> EngineStats:
+        """The engine's statistics, built on the worker between two steps."""
+        if not self._thread.is_alive():
+            raise EngineStopped("the engine is not running")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[EngineStatus] = loop.create_future()
-        self._send(lambda: loop.call_soon_threadsafe(future.set_result, snapshot(self)) and None)
+        future: asyncio.Future[EngineStats] = loop.create_future()
+        self._send(Snapshot(Reply(loop, future)))
         return await future
 
     @property
     def is_idle(self) -> bool:
         """No request queued or running, and no command waiting for the worker."""
-        return not self._commands and not self.scheduler.has_work
+        return not self._commands and not self._has_work
 
     @property
     def num_beyond_capacity(self) -> int:
         """Queued requests that the free sequences cannot take at the next step: what the queue bound
         limits. (A burst that arrives during a step is not refused while sequences are free.)"""
-        free = max(0, self.scheduler.cap - len(self.scheduler.running))
-        return max(0, self.num_queued - free)
+        return max(0, self.num_queued - self._free_slots)
 
     @property
     def num_queued(self) -> int:
         """Requests submitted that have not yet taken a sequence (or left the queue otherwise)."""
-        return self._submitted - self.scheduler.num_dequeued
+        return self._submitted - self.scheduler.num_dequeued - self._failed_adds
 
     # Tokenizing reads the model's vocabulary only, never the context: safe beside the worker.
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -160,34 +171,60 @@ class Engine:
         return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 
     # --- the worker's side ---------------------------------------------------------------------
-    def _send(self, command: Callable[[], list[Delivery] | None]) -> None:
+    def _send(self, command: Command) -> None:
         self._commands.append(command)
         self._wake.set()
 
     def _run(self) -> None:
         idle_wait = self.controller.config.probe_interval if self.controller else None
-        while True:
-            self._wake.clear()
-            self._drain_commands()
-            self._watch_memory()
-            if self._stopping and not self.scheduler.has_work:
-                return
-            if not self.scheduler.has_work:
-                self._wake.wait(idle_wait)  # wakes to read memory even when idle: it may grow back
-                continue
-            steps = self.scheduler.num_steps
-            _deliver(self._step())
-            if self.scheduler.num_steps == steps and not self._commands:
-                self._wake.wait(0.01)  # nothing could run (e.g. all waiting on room): do not spin
+        try:
+            while True:
+                self._wake.clear()
+                self._drain_commands()
+                self._watch_memory()
+                self._publish()
+                if self._stopping and not self.scheduler.has_work:
+                    return
+                if not self.scheduler.has_work:
+                    self._wake.wait(idle_wait)  # wakes to read memory even when idle: it may grow back
+                    continue
+                steps = self.scheduler.num_steps
+                self._step()
+                if self.scheduler.num_steps == steps and not self._commands:
+                    self._wake.wait(0.01)  # nothing could run (e.g. all waiting on room): do not spin
+        finally:
+            self._refuse_pending()
 
-    def _step(self) -> list[Delivery]:
+    def _step(self) -> None:
         """One scheduler step. A bug must not kill the worker (every request would hang): the
         requests of that step fail with an error event, and the engine serves on."""
         try:
-            return self.scheduler.step()
+            self.scheduler.schedule(self._cap)
+            self._publish()  # admissions count against the queue bound while the decode runs
+            result = self.scheduler.run()
         except Exception:
             log.exception("scheduler step failed; failing the running requests")
-            return self.scheduler.fail_running("internal error")
+            self._deliver(self.scheduler.fail_running("internal error"))
+            return
+        if result.kv_full_running and self.controller is not None:
+            self.controller.on_kv_full(result.kv_full_running, time.monotonic())
+            self._follow_cap()
+        self._deliver(result.events)
+
+    def _wanted_cap(self) -> int:
+        return self.controller.cap if self.controller is not None else self.scheduler.num_slots
+
+    def _follow_cap(self) -> None:
+        cap = self._wanted_cap()
+        if cap != self._cap:
+            reason = self.controller.reason if self.controller is not None else ""
+            log.info("sequence cap %d -> %d (%s)", self._cap, cap, reason)
+            self._cap = cap
+
+    def _publish(self) -> None:
+        """Counters the event loop reads (single int/bool writes: no lock needed)."""
+        self._free_slots = max(0, self._cap - len(self.scheduler.running))
+        self._has_work = self.scheduler.has_work
 
     def _watch_memory(self) -> None:
         now = time.monotonic()
@@ -202,33 +239,77 @@ class Engine:
         if resize is not None and resize.cells != self.backend.n_ctx:
             log.warning("memory: %s; KV cache %d -> %d cells, cap %d", self.controller.reason,
                         self.backend.n_ctx, resize.cells, self.controller.cap)
-            self.scheduler.resize(resize.cells, self.controller.cap)
-        elif self.scheduler.cap != self.controller.cap:
-            log.info("sequence cap %d -> %d (%s)", self.scheduler.cap, self.controller.cap, self.controller.reason)
-            self.scheduler.cap = self.controller.cap
+            self.scheduler.resize(resize.cells)
+        self._follow_cap()
 
+    # --- commands ------------------------------------------------------------------------------
     def _drain_commands(self) -> None:
         while self._commands:
-            try:
-                deliveries = self._commands.popleft()()
-            except Exception:
-                log.exception("engine command failed")
+            self._execute(self._commands.popleft())
+
+    def _execute(self, command: Command) -> None:
+        """Run one command; whatever happens, its caller gets an answer or the error."""
+        match command:
+            case Add(request, sink):
+                self._sinks[request.request_id] = sink
+                try:
+                    self.scheduler.add(request)
+                except Exception as exc:
+                    log.exception("could not queue %s", request.request_id)
+                    self._failed_adds += 1
+                    self._deliver([(request.request_id, _error_event(request, str(exc)))])
+            case Abort(request_id):
+                try:
+                    self._deliver(self.scheduler.abort(request_id))
+                except Exception:
+                    log.exception("could not cancel %s", request_id)
+            case Snapshot(reply):
+                try:
+                    reply.answer(self._stats())
+                except Exception as exc:
+                    log.exception("could not build the statistics")
+                    reply.fail(exc)
+
+    def _refuse_pending(self) -> None:
+        """The worker is gone: answer what still waits for it."""
+        while self._commands:
+            command = self._commands.popleft()
+            if isinstance(command, Snapshot):
+                command.reply.fail(EngineStopped("the engine stopped"))
+            elif isinstance(command, Add):
+                self._sinks[command.request.request_id] = command.sink
+                self._deliver([(command.request.request_id, _error_event(command.request, "the engine stopped"))])
+
+    def _stats(self) -> EngineStats:
+        return EngineStats(
+            cap=self._cap,
+            scheduler=self.scheduler.stats(),
+            cache=self.scheduler.cache_stats(),
+            controller=self.controller.stats() if self.controller is not None else None,
+            queued=self.num_queued,
+            cells_total=self.backend.n_ctx,
+            decode_calls=self.backend.decode_calls,
+        )
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        """Hand a step's events to their event loops: one thread-safe call per loop, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = defaultdict(list)
+        for request_id, event in deliveries:
+            sink = self._sinks.get(request_id)
+            if sink is None:
                 continue
-            if deliveries:
-                _deliver(deliveries)
+            if event.usage is not None:  # the request's last event
+                del self._sinks[request_id]
+            by_loop[sink.loop].append((sink.queue, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: its client is gone
+                pass
 
 
-def _deliver(deliveries: list[Delivery]) -> None:
-    """Hand a step's events to their event loops: one thread-safe call per loop, not per token."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = defaultdict(list)
-    for request, event in deliveries:
-        loop, queue = request.sink
-        by_loop[loop].append((queue, event))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # that loop is closed: its client is gone
-            pass
+def _error_event(request: Request, message: str) -> Event:
+    return Event(index=0, finish_reason="error", usage=Usage(len(request.prompt), 0), error=message)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from parallama.batching.stats import CacheStats
 from parallama.sequences import Backend
 
 MIN_REUSE = 16  # shorter matches are not worth a copy
@@ -22,11 +23,16 @@ class PrefixCache:
     tokens: list[int] = field(default_factory=list)  # what the cells under seq_id hold, from position 0
     users: int = 0  # running sequences whose first cells are shared with the cache
     hits: int = 0
+    misses: int = 0
     tokens_reused: int = 0
 
     @property
     def num_cells(self) -> int:
         return len(self.tokens)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(entries=1 if self.tokens else 0, cells=self.num_cells, hits=self.hits, misses=self.misses,
+                          tokens_reused=self.tokens_reused)
 
     def match(self, prompt: list[int]) -> int:
         """Cells a new sequence with this prompt can copy: the common prefix, leaving at least the

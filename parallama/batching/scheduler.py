@@ -12,36 +12,49 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from parallama.batching.detokenizer import IncrementalDetokenizer
 from parallama.batching.events import Event
 from parallama.batching.prefix_cache import PrefixCache
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
+from parallama.batching.stats import CacheStats, SchedulerStats, SlotStats
+from parallama.batching.stops import StopMatcher
+from parallama.memory.sizing import SeqLayout
 from parallama.sequences import Backend, BatchItem, BatchPlan, DecodeOutcome
 from parallama.sequences.backend import BackendError
-from parallama.sequences.detokenizer import IncrementalDetokenizer
-from parallama.sequences.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-Delivery = tuple[Request, Event]
+Delivery = tuple[str, Event]  # (request id, event): where it goes is the engine's business
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     ctx_size: int  # most tokens (prompt + output) one sequence may hold
     growth_margin: int = 16  # cells a newly admitted sequence should find free beyond its prompt
-    prefix_cache: bool = False  # reserve the last seq_id for a cross-request prefix cache
+    layout: SeqLayout | None = None  # the plan's seq_ids; None: every seq_id is a slot, no prefix cache
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one step produced: the events to deliver, and whether the KV cache ran out (the number of
+    sequences that were running then, for the degradation controller; 0 when it did not)."""
+
+    events: list[Delivery] = field(default_factory=list)
+    kv_full_running: int = 0
 
 
 class Scheduler:
     def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
         self.backend = backend
         self.config = config
-        self.cache = PrefixCache(backend, backend.n_seq_max - 1) if config.prefix_cache else None
-        self.num_slots = backend.n_seq_max - (1 if self.cache else 0)  # seq_ids requests may take
-        self.cap = self.num_slots  # most sequences running at once; lowered under pressure
+        layout = config.layout or SeqLayout(backend.n_seq_max)
+        if layout.n_seq_max > backend.n_seq_max:
+            raise ValueError(f"the layout needs {layout.n_seq_max} seq_ids; the context has {backend.n_seq_max}")
+        self.layout = layout
+        self.cache = PrefixCache(backend, layout.cache_seq_ids[0]) if layout.cache_ids else None
+        self.num_slots = layout.slots  # seq_ids requests may take
         self.waiting: deque[list[Sequence]] = deque()  # groups admitted together, FCFS
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
@@ -50,10 +63,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_dequeued = 0  # requests that left the queue for the first time (admitted or ended)
         self.num_resizes = 0
-        # Called with the number of running sequences when the KV cache runs out; returns the new cap.
-        self.on_kv_full: Callable[[int], int] | None = None
         self._admissions = itertools.count()
         self._out: list[Delivery] = []
+        self._kv_full_running = 0
 
     # --- commands ------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -69,7 +81,7 @@ class Scheduler:
         if request is None:
             return []
         self._end(request, FinishReason.CANCELLED)
-        return self._take_out()
+        return self._take_out().events
 
     @property
     def has_work(self) -> bool:
@@ -83,18 +95,45 @@ class Scheduler:
     def kv_cells_cached(self) -> int:
         return self.cache.num_cells if self.cache else 0
 
+    def stats(self) -> SchedulerStats:
+        by_id = {s.seq_id: s for s in self.running}
+        slots = []
+        for seq_id in range(self.num_slots):
+            seq = by_id.get(seq_id)
+            if seq is None:
+                slots.append(SlotStats(seq_id, "idle", 0))
+            else:
+                state = "generating" if seq.output else "prefill"
+                slots.append(SlotStats(seq_id, state, seq.num_computed, seq.request.request_id))
+        return SchedulerStats(
+            running=len(self.running), slots=tuple(slots), cells_used=self.kv_cells_used() - self.kv_cells_cached(),
+            steps=self.num_steps, preemptions=self.num_preemptions, resizes=self.num_resizes)
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats() if self.cache else CacheStats()
+
     # --- one step ------------------------------------------------------------------------------
-    def step(self) -> list[Delivery]:
+    def step(self, cap: int | None = None) -> StepResult:
+        """One step with at most ``cap`` sequences running (default: every slot). The cap is the
+        degradation controller's to decide; the scheduler obeys it and reports when KV runs out."""
+        self.schedule(cap)
+        return self.run()
+
+    def schedule(self, cap: int | None = None) -> None:
+        """The first half of a step: end expired requests, admit what fits, share group prompts."""
         self._expire(time.monotonic())
-        self._admit()
+        self._admit(self.num_slots if cap is None else cap)
         self._share_prefixes()
+
+    def run(self) -> StepResult:
+        """The second half: one decode over everything running, then sampling and events."""
         plan, seqs = self._plan()
         if plan.items:
             self.num_steps += 1
-            self._run(plan, seqs)
+            self._decode(plan, seqs)
         return self._take_out()
 
-    def _run(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
+    def _decode(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
         try:
             outcome = self.backend.decode(plan)
         except BackendError as exc:
@@ -116,10 +155,10 @@ class Scheduler:
             self._end(request, FinishReason.LENGTH)
 
     # --- admission -----------------------------------------------------------------------------
-    def _admit(self) -> None:
-        while self.waiting and self._can_admit(self.waiting[0]):
+    def _admit(self, cap: int) -> None:
+        while self.waiting and self._can_admit(self.waiting[0], cap):
             group = self.waiting.popleft()
-            self.num_dequeued += group[0].admitted < 0
+            self.num_dequeued += _first_admission(group)
             try:
                 for seq in group:
                     self._start(seq)
@@ -133,12 +172,12 @@ class Scheduler:
                 for f in followers:
                     f.copy_from = leader
 
-    def _can_admit(self, group: list[Sequence]) -> bool:
+    def _can_admit(self, group: list[Sequence], cap: int) -> bool:
         if len(group) > len(self.free_ids):
             return False
         if not self.running:
             return True  # an idle engine always takes the head of the queue, so nothing waits forever
-        if len(self.running) + len(group) > self.cap:
+        if len(self.running) + len(group) > cap:
             return False
         margin = min(self.config.growth_margin, group[0].request.params.max_tokens)
         need = group[0].num_tokens + len(group) * margin
@@ -168,16 +207,17 @@ class Scheduler:
 
     def _reuse_cached_prefix(self, seq: Sequence) -> None:
         n = self.cache.match(seq.prompt)
+        self.cache.misses += not n
         if n:
             self.cache.copy_to(seq.seq_id, n)
-            seq.num_computed, seq.prefix = n, SharedPrefix(None, n, in_cache=True)
+            seq.num_computed, seq.prefix = n, SharedPrefix(n, in_cache=True)
 
     def _cache_prompt(self, seq: Sequence) -> None:
         """A single sequence just finished its prompt: offer it to the prefix cache."""
         if self.cache and seq.request.n == 1 and seq.prefix is None and not seq.output:
             n = self.cache.store(seq.seq_id, seq.prompt)
             if n:
-                seq.prefix = SharedPrefix(None, n, in_cache=True)
+                seq.prefix = SharedPrefix(n, in_cache=True)
 
     def _unpark(self, seq: Sequence) -> None:
         """Put a preempted sequence's saved KV back; if it does not fit, it recomputes instead."""
@@ -196,7 +236,7 @@ class Scheduler:
             shared = len(leader.prompt) - 1
             if not leader.followers or leader.num_computed < shared:
                 continue
-            prefix = SharedPrefix(leader, shared)
+            prefix = SharedPrefix(shared)
             leader.prefix = prefix
             for f in leader.followers:
                 self.backend.seq_copy(leader.seq_id, f.seq_id, shared)
@@ -238,7 +278,7 @@ class Scheduler:
         elif len(seq.output) >= seq.request.params.max_tokens or seq.num_tokens >= self.config.ctx_size:
             self._finish(seq, FinishReason.LENGTH, text, [token])
         else:
-            self._out.append((seq.request, seq.text_event(token, text)))
+            self._out.append((seq.request.request_id, seq.text_event(token, text)))
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,
                 flush: bool = True) -> None:
@@ -254,7 +294,7 @@ class Scheduler:
         if request.num_unfinished == 0:
             event.usage, event.error = request.usage(), request.error
             self.requests.pop(request.request_id, None)
-        self._out.append((request, event))
+        self._out.append((request.request_id, event))
 
     def _release(self, seq: Sequence) -> None:
         """Give back the seq_id and KV cells; group members still waiting on it go their own way."""
@@ -273,15 +313,14 @@ class Scheduler:
 
     # --- pressure and failure ------------------------------------------------------------------
     def _on_kv_full(self, plan: BatchPlan) -> None:
-        """The cache had no room for this batch: drop any partial writes, lower the cap, and park the
+        """The cache had no room for this batch: drop any partial writes and park the
         newest sequence. The batch runs again next step without it."""
         for item in plan.items:
             self.backend.seq_remove(item.seq_id, item.start_pos)
         if self.cache and self.cache.drop():
             return  # the cached prefix's cells were enough: run the batch again as it was
         if len(self.running) > 1:
-            if self.on_kv_full is not None:
-                self.cap = self.on_kv_full(len(self.running))
+            self._kv_full_running = len(self.running)  # reported with this step's result
             self.preempt(max(self.running, key=lambda s: s.admitted))
         else:
             log.warning("seq=%s does not fit in %d KV cells alone", self.running[0].seq_id, self.backend.n_ctx)
@@ -295,11 +334,10 @@ class Scheduler:
             seq.parked, seq.parked_tokens = self.backend.seq_save(seq.seq_id), seq.num_computed
         self._release(seq)
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft([seq])
 
-    def resize(self, n_ctx: int, cap: int) -> None:
+    def resize(self, n_ctx: int) -> None:
         """Rebuild the KV cache with ``n_ctx`` cells: park everything that runs, rebuild, and let
         admission restore the parked sequences, oldest first, as room allows."""
         for seq in sorted(self.running, key=lambda s: s.admitted, reverse=True):
@@ -307,9 +345,8 @@ class Scheduler:
         self.backend.resize(n_ctx)
         if self.cache:
             self.cache.forget()
-        self.cap = cap
         self.num_resizes += 1
-        log.info("KV cache resized to %d cells, cap %d", self.backend.n_ctx, cap)
+        log.info("KV cache resized to %d cells", self.backend.n_ctx)
 
     def _fail(self, requests: set[Request], message: str) -> None:
         for request in requests:
@@ -325,13 +362,19 @@ class Scheduler:
 
     def fail_running(self, message: str) -> list[Delivery]:
         self._fail({s.request for s in self.running}, message)
-        return self._take_out()
+        return self._take_out().events
 
     def _unqueue(self, request: Request) -> None:
         for group in [g for g in self.waiting if g[0].request is request]:
             self.waiting.remove(group)
-            self.num_dequeued += group[0].admitted < 0
+            self.num_dequeued += _first_admission(group)
 
-    def _take_out(self) -> list[Delivery]:
-        out, self._out = self._out, []
-        return out
+    def _take_out(self) -> StepResult:
+        result = StepResult(self._out, self._kv_full_running)
+        self._out, self._kv_full_running = [], 0
+        return result
+
+
+def _first_admission(group: list[Sequence]) -> bool:
+    """The group leaves the queue for the first time (a resumed, preempted one was counted before)."""
+    return group[0].admitted < 0

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 
 from parallama.batching.events import Event, Usage
 from parallama.sequences import Sampler, SamplingParams
-from parallama.sequences.detokenizer import IncrementalDetokenizer
-from parallama.sequences.stops import StopMatcher
-
-_arrivals = itertools.count()
+from parallama.batching.detokenizer import IncrementalDetokenizer
+from parallama.batching.stops import StopMatcher
 
 
 class SeqStatus(enum.IntEnum):
@@ -32,20 +29,19 @@ class SharedPrefix:
     """First cells of a sequence that it shares: decoded once by a group's leader and copied
     (``seq_cp``) to the others, or copied from (or into) the prefix cache, which counts them."""
 
-    leader: Sequence | None
     length: int
     in_cache: bool = False
 
 
 @dataclass(eq=False, slots=True)
 class Request:
-    """One client request: n sequences over the same prompt, and where its events go."""
+    """One client request: n sequences over the same prompt. Its events leave the scheduler keyed by
+    ``request_id``; where they go is the engine's business."""
 
     request_id: str
     prompt: list[int]
     params: SamplingParams
     n: int
-    sink: tuple  # (event loop, asyncio.Queue) that receives this request's Events
     sequences: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
     error: str | None = None
@@ -71,8 +67,6 @@ class Sequence:
     copy_from: Sequence | None = None  # a group member waiting for the leader's prompt cells
     followers: list[Sequence] = field(default_factory=list)  # members waiting on this leader
     admitted: int = -1  # admission order; the newest is preempted first
-    arrival: int = field(default_factory=lambda: next(_arrivals))
-    num_preemptions: int = 0
     parked: bytes | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
     parked_tokens: int = 0
     finish_reason: FinishReason | None = None

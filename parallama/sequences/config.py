@@ -19,10 +19,13 @@ CACHE_TYPES: dict[str, tuple[int, float]] = {
 }
 
 
+LLAMA_MAX_SEQ = 256  # llama.cpp refuses a context with more seq_ids
+
+
 @dataclass(frozen=True, slots=True)
 class ContextConfig:
     n_ctx: int  # KV cells shared by all sequences (the unified cache)
-    n_seq_max: int  # llama seq_ids, the most sequences that can run at once
+    n_seq_max: int  # llama seq_ids: the running slots and the prefix cache's ids (memory.sizing.SeqLayout)
     n_batch: int = 512  # most tokens one llama_decode carries
     n_ubatch: int = 512
     n_threads: int = 2
@@ -33,8 +36,10 @@ class ContextConfig:
         for name in (self.cache_type_k, self.cache_type_v):
             if name not in CACHE_TYPES:
                 raise ValueError(f"unknown cache type {name!r}; choose from {', '.join(CACHE_TYPES)}")
-        if self.n_seq_max > self.n_batch:
-            raise ValueError(f"n_seq_max={self.n_seq_max} must not exceed n_batch={self.n_batch}")
+        if not 1 <= self.n_seq_max <= min(LLAMA_MAX_SEQ, self.n_batch):
+            # llama.cpp aborts the process otherwise: it reserves one output row per seq_id within n_batch
+            raise ValueError(f"n_seq_max={self.n_seq_max} must be between 1 and min({LLAMA_MAX_SEQ}, "
+                             f"n_batch={self.n_batch})")
 
 
 @dataclass(frozen=True, slots=True)

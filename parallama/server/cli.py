@@ -7,6 +7,8 @@ import logging
 import sys
 import typing
 
+from pydantic import ValidationError
+
 from parallama import __version__
 from parallama.server.settings import Settings
 
@@ -33,10 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_errors(exc: ValidationError) -> str:
+    """Pydantic's errors in the user's terms: the flag (or variable) and what it accepts."""
+    parts = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        parts.append(f"{_flag(name)} (PARALLAMA_{name.upper()}): {error['msg']}" if name else error["msg"])
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k != "command"}
-    settings = Settings(**given)  # flags win over PARALLAMA_* variables, which win over defaults
+    try:
+        settings = Settings(**given)  # flags win over PARALLAMA_* variables, which win over defaults
+    except ValidationError as exc:
+        print(f"parallama: {settings_errors(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from parallama.server.serve import serve
 

@@ -64,13 +64,15 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> tuple[tuple[int,
     return tuple(out)
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, ctx_size: int, default: int | None) -> int:
-    """Never truncate silently: a prompt or a max_tokens that cannot fit is a 400 with the numbers."""
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, ctx_size: int, default: int | None,
+                       prompt_param: str) -> int:
+    """Never truncate silently: a prompt or a max_tokens that cannot fit is a 400 with the numbers.
+    ``prompt_param`` names the field that holds the prompt: "messages" on chat, "prompt" on completions."""
     room = ctx_size - prompt_tokens
     if room < 1:
         raise ContextLengthExceeded(
             f"This model's context is {ctx_size} tokens per sequence; your prompt has {prompt_tokens} tokens.",
-            param="messages")
+            param=prompt_param)
     if requested is None:
         return min(default, room) if default else room
     if requested > room:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from parallama.batching.stats import EngineStats
+from parallama.memory.degradation import ControllerStats
+from parallama.memory.probes import format_size
 from parallama.server.state import Served, served
 
 router = APIRouter()
 
 
 def _model_card(s: Served) -> dict:
-    facts = s.engine.backend.facts
-    return {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "parallama",
-            "meta": {"n_ctx_per_sequence": s.ctx_size, "n_ctx_train": facts.n_ctx_train, "n_vocab": facts.n_vocab,
-                     "size_bytes": facts.weights_bytes}}
+    """OpenAI's Model object, nothing more: the model's own facts are in /status."""
+    return {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "parallama"}
 
 
 @router.get("/v1/models")
@@ -40,16 +41,37 @@ async def health(http: Request) -> JSONResponse:
 @router.get("/status")
 async def status(http: Request) -> dict:
     s = served(http)
-    st = await s.engine.status()
+    return render_status(s, await s.engine.status())
+
+
+def render_status(s: Served, st: EngineStats) -> dict:
+    sched, facts = st.scheduler, s.engine.facts
     slots = [{"seq_id": slot.seq_id, "state": slot.state, "tokens": slot.tokens, "request_id": slot.request_id}
-             for slot in st.slots]
-    return {
+             for slot in sched.slots]
+    body = {
         "model": s.model_id,
+        "model_facts": {"n_ctx_train": facts.n_ctx_train, "n_vocab": facts.n_vocab, "size_bytes": facts.weights_bytes},
         "plan": s.plan,
-        "sequences": {"cap": st.cap, "active": st.active, "max": len(st.slots), "ctx_size": s.ctx_size,
+        "sequences": {"cap": st.cap, "active": sched.running, "max": len(sched.slots), "ctx_size": s.ctx_size,
                       "slots": slots},
-        "queue": {"waiting": st.waiting},
-        "kv": {"cells_total": st.cells_total, "cells_used": st.cells_used, "cells_cached": st.cells_cached},
-        "engine": {"steps": st.steps, "decode_calls": st.decode_calls, "preemptions": st.preemptions},
-        **st.extra,  # "memory" and "degradation" when the controller runs
+        "queue": {"waiting": st.queued},
+        "kv": {"cells_total": st.cells_total, "cells_used": sched.cells_used, "cells_cached": st.cache.cells},
+        "prefix_cache": {"entries": st.cache.entries, "cells": st.cache.cells, "hits": st.cache.hits,
+                         "misses": st.cache.misses, "tokens_reused": st.cache.tokens_reused},
+        "engine": {"steps": sched.steps, "decode_calls": st.decode_calls, "preemptions": sched.preemptions},
     }
+    if st.controller is not None:
+        body["memory"] = _memory(st.controller)
+        body["degradation"] = {"reason": st.controller.reason, "preemptions": sched.preemptions,
+                               "resizes": sched.resizes}
+    return body
+
+
+def _memory(c: ControllerStats) -> dict:
+    memory = {"reserve_bytes": c.reserve_bytes, "reserve": format_size(c.reserve_bytes)}
+    r = c.reading
+    if r is not None:
+        memory |= {"host_free_bytes": r.host_free, "host_total_bytes": r.host_total,
+                   "cgroup_limit_bytes": r.cgroup_limit, "gpu_free_bytes": r.gpu_free,
+                   "gpu_total_bytes": r.gpu_total}
+    return memory

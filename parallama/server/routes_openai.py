@@ -26,7 +26,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     text = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
     prompt = s.engine.tokenize(text, add_special=True, parse_special=True)
     requested = body.max_completion_tokens or body.max_tokens
-    params = gen.sampling_params(body, gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None), s.n_vocab)
+    limit = gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None, prompt_param="messages")
+    params = gen.sampling_params(body, limit, s.n_vocab)
     n = _n(body, s)
     head = _head("chatcmpl", "chat.completion", s)
     stream = gen.submit(s.engine, prompt, params, n, s.request_timeout)
@@ -35,7 +36,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         return StreamingResponse(chat_events([stream], n, writer), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     outcome = await gen.collect([stream], n, http)
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(outcome.choices)]
     return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
 
@@ -45,8 +46,8 @@ async def completions(body: CompletionRequest, http: Request):
     s = _checked(http, body)
     prompts = _prompt_tokens(body, s)
     n = _n(body, s)
-    max_tokens = [gen.resolve_max_tokens(body.max_tokens, len(p), s.ctx_size, COMPLETIONS_DEFAULT_MAX_TOKENS)
-                  for p in prompts]
+    max_tokens = [gen.resolve_max_tokens(body.max_tokens, len(p), s.ctx_size, COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                         prompt_param="prompt") for p in prompts]
     streams: list[RequestStream] = []
     try:
         for prompt, limit in zip(prompts, max_tokens):
@@ -76,7 +77,7 @@ def _checked(http: Request, body: SamplingFields) -> Served:
 
 def _n(body: SamplingFields, s: Served) -> int:
     n = body.n or 1
-    cap = s.engine.scheduler.num_slots
+    cap = s.engine.num_slots
     if n > cap:
         raise InvalidRequest(f"n={n} is more than the {cap} sequences this server runs at once", "n")
     return n
@@ -102,5 +103,4 @@ def _include_usage(body: SamplingFields) -> bool:
 
 
 def _head(prefix: str, obj: str, s: Served) -> dict:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": s.model_id,
-            "system_fingerprint": None}
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": s.model_id}

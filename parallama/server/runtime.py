@@ -8,16 +8,16 @@ import time
 import psutil
 
 from parallama.batching import Engine, EngineConfig
-from parallama.batching.degradation import DegradationConfig, DegradationController
-from parallama.batching.memory import MemoryProbe, MemoryReading, SystemProbe
-from parallama.batching.sizing import SizingInput, SizingPlan, plan_sizing
+from parallama.memory.degradation import DegradationConfig, DegradationController
+from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe
+from parallama.memory.sizing import SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
 from parallama.sequences.llama_backend import LlamaBackend
 from parallama.sequences.model import LlamaModel, gpu_offload_supported
 from parallama.sequences.model_file import resolve_model_path
 from parallama.server.chat_template import ChatTemplate
 from parallama.server.settings import Settings
-from parallama.server.state import Served
+from parallama.server.state import ModelNames, Served
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: Memo
         reserve_bytes=settings.reserve_bytes,
         n_batch=settings.batch_size,
         cache_types=cache_types,
+        prefix_cache=settings.prefix_cache,
     ), reading)
 
 
@@ -61,7 +62,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         raise
     context = ContextConfig(
         n_ctx=plan.kv_cells,
-        n_seq_max=plan.parallel + (1 if settings.prefix_cache else 0),  # the cache's own seq_id
+        n_seq_max=plan.layout.n_seq_max,  # the running slots and the prefix cache's ids
         n_batch=settings.batch_size,
         n_ubatch=settings.ubatch_size,
         n_threads=settings.threads or default_threads(),
@@ -80,12 +81,13 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         recover_after=settings.recover_after,
     ))
     engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue,
-                                          prefix_cache=settings.prefix_cache), probe, controller)
+                                          layout=plan.layout), probe, controller)
     engine.start()
-    model_id = settings.model_alias or path.stem
+    names = ModelNames.from_alias(settings.model_alias, path.stem)
+    model_id = names.model_id
     log.info("serving %s: %s; n_batch %d, %d threads, %s", model_id, plan.describe(), context.n_batch,
              context.n_threads, f"{n_gpu_layers} GPU layers" if n_gpu_layers else "CPU only")
     facts = backend.facts
     template = ChatTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
-    return Served(engine, model_id, settings.ctx_size, plan.describe(), template, int(time.time()),
+    return Served(engine, names, settings.ctx_size, plan.describe(), template, int(time.time()),
                   settings.request_timeout)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from parallama.batching.memory import parse_size
+from parallama.memory.probes import parse_size
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     # model
     model: Path | None = Field(None, description="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)")
-    model_alias: str | None = Field(None, description="model id clients use (default: the GGUF file name)")
+    model_alias: str | None = Field(None, description="model id clients use (default: the GGUF file name); several comma-separated names are all accepted, the first is the id; '*' answers any name")
     n_gpu_layers: int | None = Field(None, ge=-1, description="layers on the GPU; -1 all (default: all when a GPU is present, else 0)")
     # sequences and KV
     parallel: int | None = Field(None, description="most sequences that run at once (default: auto, from free memory)")
@@ -82,7 +82,3 @@ class Settings(BaseSettings):
         if self.api_key_file:
             return self.api_key_file.read_text().strip() or None
         return None
-
-    @property
-    def n_batch(self) -> int:
-        return self.batch_size

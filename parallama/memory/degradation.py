@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from parallama.batching.memory import MemoryReading, MiB, format_size
-from parallama.batching.sizing import OVERCOMMIT, cells_that_fit
+from parallama.memory.probes import MemoryReading, MiB
+from parallama.memory.sizing import OVERCOMMIT, align_down
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,20 @@ class DegradationConfig:
     probe_interval: float = 0.5  # seconds between memory readings
     recover_after: float = 3.0  # seconds of continuous headroom before each growth step
     hysteresis_bytes: int = 256 * MiB  # growing needs this much room above the reserve
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerStats:
+    """The controller's decisions and the last memory reading it saw."""
+
+    cap: int
+    max_cap: int
+    cells: int
+    max_cells: int
+    reason: str  # none | kv cache full | memory below reserve | recovering
+    decreases: int
+    reserve_bytes: int
+    reading: MemoryReading | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +134,45 @@ class DegradationController:
         """Sequences a cache of ``cells`` serves under the start-up overcommit rule."""
         return max(self.config.min_cap, min(self.config.max_cap, OVERCOMMIT * cells // self.config.ctx_size))
 
-    def describe(self) -> dict:
-        r = self.last_reading
-        memory = {"reserve_bytes": self.config.reserve_bytes, "reserve": format_size(self.config.reserve_bytes)}
-        if r is not None:
-            memory |= {"host_free_bytes": r.host_free, "host_total_bytes": r.host_total,
-                       "cgroup_limit_bytes": r.cgroup_limit, "gpu_free_bytes": r.gpu_free,
-                       "gpu_total_bytes": r.gpu_total}
-        return memory
+    def stats(self) -> ControllerStats:
+        c = self.config
+        return ControllerStats(cap=self.cap, max_cap=c.max_cap, cells=self.cells, max_cells=c.max_cells,
+                               reason=self.reason, decreases=self.num_decreases, reserve_bytes=c.reserve_bytes,
+                               reading=self.last_reading)
+
+
+def cells_that_fit(
+    reading: MemoryReading,
+    current_kv_cells: int,
+    kv_bytes_per_token: int,
+    reserve_bytes: int,
+    floor_cells: int,
+    gpu_fraction: Fraction | float = 0,
+    max_cells: int | None = None,
+) -> int:
+    """How many KV cells the cache should have given a new reading, for the degradation controller.
+
+    The cache is already allocated, so its own bytes count as available to it: free + current KV bytes
+    - reserve, per pool. The result is a multiple of CELL_ALIGN, never below ``floor_cells`` (one
+    sequence's ctx_size) and never above ``max_cells`` (the start-up size); when memory allows
+    ``max_cells`` it is returned exactly, so an unaligned start-up size does not look like a shrink.
+    A reading without GPUs while layers are offloaded (NVML failed this time) leaves the GPU pool out
+    rather than shrinking on missing data.
+    """
+    frac = Fraction(gpu_fraction)
+    shares = []
+    if frac > 0 and reading.gpus:
+        shares.append((reading.gpu_free, frac))
+    if frac < 1:
+        shares.append((reading.host_free, 1 - frac))
+    fit: int | None = None
+    for free, share in shares:
+        per_token = share * kv_bytes_per_token
+        available = free - reserve_bytes + current_kv_cells * per_token
+        cells = max(0, int(available // per_token))
+        fit = cells if fit is None else min(fit, cells)
+    if fit is None:  # every pool unknown: keep what there is
+        fit = current_kv_cells
+    if max_cells is not None and fit >= max_cells:
+        return max_cells
+    return max(floor_cells, align_down(fit))

@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from parallama.batching.memory import GiB, KiB, MemoryReading, MiB, format_size
+from parallama.memory.probes import GiB, KiB, MemoryReading, MiB, format_size
 
 OVERCOMMIT = 2  # parallel x ctx_size may be up to twice the KV cells
 CELL_ALIGN = 256  # llama.cpp pads n_ctx to a multiple of 256; sizing picks multiples itself
 DEFAULT_RESERVE = GiB  # left free in every pool; llama.cpp's --fit-target margin is 1024 MiB too
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on n_seq_max
+CACHE_IDS_PER_SLOT = 3  # prefix-cache entries kept per running sequence: room for more conversations than slots
 
 # Compute buffers, measured on SmolLM2-135M (n_vocab 49152, n_embd 576, flash attention auto):
 # CPU compute buffer 24.56 / 98.25 / 393.01 MiB at n_ubatch 128 / 512 / 2048, the same for 4,096 and
@@ -44,6 +46,39 @@ class SizingError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class SeqLayout:
+    """What the context's seq_ids are for, decided once at start-up.
+
+    ``0 .. slots-1`` are the sequences requests run on (the most that decode in one step; each needs a
+    token in every batch, so slots <= n_batch). ``slots .. n_seq_max-1`` hold the prefix cache's
+    entries: KV kept after a request ends, which no request ever decodes on. The context is opened with
+    ``n_seq_max``, the scheduler hands out the slots, the cache takes the rest, the edge reads ``slots``.
+    """
+
+    slots: int
+    cache_ids: int = 0
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.slots + self.cache_ids
+
+    @property
+    def cache_seq_ids(self) -> range:
+        return range(self.slots, self.n_seq_max)
+
+
+def seq_layout(slots: int, prefix_cache: bool, n_batch: int = 512) -> SeqLayout:
+    cache_ids = min(CACHE_IDS_PER_SLOT * slots, seq_limit(n_batch) - slots) if prefix_cache else 0
+    return SeqLayout(slots, max(0, cache_ids))
+
+
+def seq_limit(n_batch: int) -> int:
+    """The most seq_ids one context may have: llama.cpp's limit, and no more than n_batch (llama.cpp
+    reserves one output row per seq_id within the batch's outputs)."""
+    return min(LLAMA_MAX_SEQ, n_batch)
+
+
+@dataclass(frozen=True, slots=True)
 class SizingInput:
     weights_bytes: int
     kv_bytes_per_token: int  # K and V of one token over all layers (ModelFacts.kv_bytes_per_token)
@@ -57,6 +92,7 @@ class SizingInput:
     reserve_bytes: int = DEFAULT_RESERVE
     n_batch: int = 512
     cache_types: str = "f16"  # shown by describe(), e.g. "q8_0/f16"
+    prefix_cache: bool = False  # seq_ids beyond the slots hold cached prefixes
 
     def __post_init__(self) -> None:
         for name in ("kv_bytes_per_token", "ctx_size", "n_vocab", "n_layer", "max_parallel", "n_batch"):
@@ -69,7 +105,7 @@ class SizingInput:
 
 @dataclass(frozen=True, slots=True)
 class SizingPlan:
-    parallel: int  # n_seq_max
+    layout: SeqLayout
     kv_cells: int  # n_ctx: cells of the unified KV cache
     ctx_size: int
     kv_bytes_per_token: int
@@ -81,6 +117,11 @@ class SizingPlan:
     reserve_bytes: int
     budget_cells: int  # the most cells the memory would have allowed
     cache_types: str = "f16"
+
+    @property
+    def parallel(self) -> int:
+        """Sequences that run at once: the layout's slots."""
+        return self.layout.slots
 
     @property
     def kv_bytes(self) -> int:
@@ -108,18 +149,6 @@ class SizingPlan:
         if self.gpu_fraction == 1:
             return f"{format_size(self.gpu_free)} GPU free"
         return f"{format_size(self.gpu_free)} GPU + {format_size(self.host_free)} RAM free"
-
-    def cells_now(self, reading: MemoryReading, current_kv_cells: int) -> int:
-        """``cells_that_fit`` for this plan: floored at one sequence, never above the start-up size."""
-        return cells_that_fit(
-            reading,
-            current_kv_cells,
-            self.kv_bytes_per_token,
-            self.reserve_bytes,
-            floor_cells=self.ctx_size,
-            gpu_fraction=self.gpu_fraction,
-            max_cells=self.kv_cells,
-        )
 
 
 # --- arithmetic ----------------------------------------------------------------------------------
@@ -198,10 +227,10 @@ def _binding(pools: list[_Pool], kv_bytes_per_token: int) -> _Pool:
 
 
 def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
-    """Choose parallel (n_seq_max) and KV cells (n_ctx). Raises SizingError when the request cannot fit."""
+    """Choose the seq_id layout (slots + cache ids = n_seq_max) and KV cells (n_ctx). Raises SizingError when the request cannot fit."""
     _check_request(inp)
     # The output buffer grows with the sequences; size it for the most there may be.
-    n_seq_max = inp.parallel or min(inp.max_parallel, inp.n_batch)
+    n_seq_max = seq_layout(inp.parallel or _most_slots(inp), inp.prefix_cache, inp.n_batch).n_seq_max
     pools = _pools(inp, reading, n_seq_max)
     budget = min(pool.cells(inp.kv_bytes_per_token) for pool in pools)
     if align_down(budget) < align_up(inp.ctx_size):
@@ -213,13 +242,14 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
     else:
         parallel, cells = _auto(inp, budget)
     frac = gpu_fraction(inp, reading)
+    layout = seq_layout(parallel, inp.prefix_cache, inp.n_batch)
     return SizingPlan(
-        parallel=parallel,
+        layout=layout,
         kv_cells=cells,
         ctx_size=inp.ctx_size,
         kv_bytes_per_token=inp.kv_bytes_per_token,
         weights_bytes=inp.weights_bytes,
-        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, parallel),
+        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, layout.n_seq_max),
         host_free=reading.host_free,
         gpu_free=reading.gpu_free if frac > 0 else 0,
         gpu_fraction=frac,
@@ -241,11 +271,25 @@ def _check_request(inp: SizingInput) -> None:
             f"--parallel {inp.parallel} exceeds --batch-size {inp.n_batch}: every running sequence needs "
             f"a token in each batch; raise --batch-size or lower --parallel"
         )
+    limit = seq_limit(inp.n_batch)
+    if inp.parallel is not None and inp.parallel > limit - (1 if inp.prefix_cache else 0):
+        why = f"--batch-size {inp.n_batch}" if limit == inp.n_batch else f"llama.cpp's {LLAMA_MAX_SEQ}"
+        raise SizingError(
+            f"--parallel {inp.parallel} leaves no sequence id for --prefix-cache within {why} (a context holds at "
+            f"most that many sequences, cached ones included); use --parallel {limit - 1} or less, a larger "
+            f"--batch-size, or --prefix-cache false"
+        )
+
+
+def _most_slots(inp: SizingInput) -> int:
+    """Auto parallel's ceiling: max_parallel, one token per sequence in a batch, and llama.cpp's
+    seq_id limit with at least one id left for the prefix cache."""
+    return min(inp.max_parallel, seq_limit(inp.n_batch) - (1 if inp.prefix_cache else 0))
 
 
 def _auto_parallel(inp: SizingInput, cells: int) -> int:
-    """The most sequences ``cells`` serve under the overcommit rule, within max_parallel and n_batch."""
-    return max(1, min(inp.max_parallel, inp.n_batch, OVERCOMMIT * cells // inp.ctx_size))
+    """The most sequences ``cells`` serve under the overcommit rule, within ``_most_slots``."""
+    return max(1, min(_most_slots(inp), OVERCOMMIT * cells // inp.ctx_size))
 
 
 def _auto(inp: SizingInput, budget: int) -> tuple[int, int]:
@@ -300,43 +344,3 @@ def _parallel_too_big(inp: SizingInput, pools: list[_Pool], budget: int) -> str:
         f"{OVERCOMMIT}x overcommit); {binding.room_text()}: at most {most} sequences x {inp.ctx_size}, "
         f"or --kv-size {fits:,}"
     )
-
-
-# --- while serving -------------------------------------------------------------------------------
-
-
-def cells_that_fit(
-    reading: MemoryReading,
-    current_kv_cells: int,
-    kv_bytes_per_token: int,
-    reserve_bytes: int,
-    floor_cells: int,
-    gpu_fraction: Fraction | float = 0,
-    max_cells: int | None = None,
-) -> int:
-    """How many KV cells the cache should have given a new reading, for the degradation controller.
-
-    The cache is already allocated, so its own bytes count as available to it: free + current KV bytes
-    - reserve, per pool. The result is a multiple of CELL_ALIGN, never below ``floor_cells`` (one
-    sequence's ctx_size) and never above ``max_cells`` (the start-up size); when memory allows
-    ``max_cells`` it is returned exactly, so an unaligned start-up size does not look like a shrink.
-    A reading without GPUs while layers are offloaded (NVML failed this time) leaves the GPU pool out
-    rather than shrinking on missing data.
-    """
-    frac = Fraction(gpu_fraction)
-    shares = []
-    if frac > 0 and reading.gpus:
-        shares.append((reading.gpu_free, frac))
-    if frac < 1:
-        shares.append((reading.host_free, 1 - frac))
-    fit: int | None = None
-    for free, share in shares:
-        per_token = share * kv_bytes_per_token
-        available = free - reserve_bytes + current_kv_cells * per_token
-        cells = max(0, int(available // per_token))
-        fit = cells if fit is None else min(fit, cells)
-    if fit is None:  # every pool unknown: keep what there is
-        fit = current_kv_cells
-    if max_cells is not None and fit >= max_cells:
-        return max_cells
-    return max(floor_cells, align_down(fit))

@@ -1,0 +1,42 @@
+"""Settings that work together start; those that cannot are refused at start in the user's terms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+from serving import live_server
+
+
+def test_a_batch_size_below_the_minimum_is_refused_naming_the_flag():
+    run = subprocess.run([sys.executable, "-m", "parallama.server.cli", "serve", "--parallel", "8", "--batch-size", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "--batch-size (PARALLAMA_BATCH_SIZE)" in run.stderr and "16" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.model
+def test_batch_size_16_starts_with_its_slots_and_a_prefix_cache_beside_them():
+    with live_server(parallel=None, max_parallel=16, batch_size=16, ubatch_size=16, kv_size=4096) as server:
+        status = httpx.get(f"{server.base_url}/status", timeout=30).json()
+        assert status["sequences"]["max"] == 15  # 16 seq_ids at most: one is left for the prefix cache
+        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+        reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        assert server.served.engine.scheduler.layout.cache_ids > 0
+
+
+def test_parallel_equal_to_batch_size_is_refused_in_flag_terms():
+    run = subprocess.run([sys.executable, "-m", "parallama.server.cli", "serve", "--parallel", "16", "--batch-size",
+                          "16", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "--parallel 16 leaves no sequence id for --prefix-cache within --batch-size 16" in run.stdout + run.stderr
+
+
+@pytest.mark.model
+def test_parallel_equal_to_batch_size_starts_without_the_prefix_cache():
+    with live_server(parallel=16, batch_size=16, ubatch_size=16, ctx_size=256, prefix_cache=False) as server:
+        assert httpx.get(f"{server.base_url}/status", timeout=30).json()["sequences"]["max"] == 16
