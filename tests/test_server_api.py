@@ -54,7 +54,10 @@ def test_chat_non_streaming_shape_and_usage(http, server):
     assert choice["finish_reason"] == "length"
     rendered = server.served.template.render(HELLO)
     prompt_tokens = len(server.served.engine.tokenize(rendered, True, True))
-    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12, "total_tokens": prompt_tokens + 12}
+    usage = out["usage"]
+    assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 12, "total_tokens": prompt_tokens + 12,
+                     "prompt_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}}
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < prompt_tokens  # OpenAI's field: from the cache
 
 
 def test_chat_streaming_chunks_and_equal_text(http):

@@ -22,7 +22,7 @@ from parallama.batching.events import Event, Usage
 from parallama.batching.scheduler import Delivery, Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.batching.stats import EngineStats
-from parallama.memory.degradation import DegradationController
+from parallama.memory.degradation import DegradationController, Release
 from parallama.memory.probes import MemoryProbe
 from parallama.memory.sizing import SeqLayout
 from parallama.sequences import Backend, ModelFacts, SamplingParams
@@ -45,6 +45,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a sequence before submit() raises QueueFull
     growth_margin: int = 16
     layout: SeqLayout | None = None  # the plan's slots and prefix-cache ids; None: all slots, no cache
+    cache_ram_bytes: int = 0  # the prefix cache's host-RAM tier
 
 
 class RequestStream:
@@ -84,7 +85,8 @@ class Engine:
         event loop reads only ``facts``, ``num_slots`` and the counters the worker publishes."""
         self.backend = backend
         self.config = config
-        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin, config.layout))
+        self.scheduler = Scheduler(backend, SchedulerConfig(config.ctx_size, config.growth_margin, config.layout,
+                                                            config.cache_ram_bytes))
         self.probe = probe
         self.controller = controller
         self.facts: ModelFacts = backend.facts  # immutable: safe to read from any thread
@@ -232,11 +234,14 @@ class Engine:
             return
         self._next_probe = now + self.controller.config.probe_interval
         try:
-            resize = self.controller.observe(self.probe.read(), now)
+            resize = self.controller.observe(self.probe.read(), now, self.scheduler.cache_ram_bytes())
         except Exception:
             log.exception("memory probe failed; keeping the current size")
             return
-        if resize is not None and resize.cells != self.backend.n_ctx:
+        if isinstance(resize, Release):
+            log.warning("memory below the reserve: the prefix cache gives back %d bytes of RAM first",
+                        self.scheduler.release_cache_ram())
+        elif resize is not None and resize.cells != self.backend.n_ctx:
             log.warning("memory: %s; KV cache %d -> %d cells, cap %d", self.controller.reason,
                         self.backend.n_ctx, resize.cells, self.controller.cap)
             self.scheduler.resize(resize.cells)

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those copied from the prefix cache
 
     def __add__(self, other: Usage) -> Usage:
         """Usage of several requests together (a completions call with a list of prompts)."""
-        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
+                     self.cached_tokens + other.cached_tokens)
 
     @property
     def total_tokens(self) -> int:

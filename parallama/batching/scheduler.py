@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from parallama.batching.detokenizer import IncrementalDetokenizer
 from parallama.batching.events import Event
-from parallama.batching.prefix_cache import PrefixCache
+from parallama.batching.prefix_cache import MIN_REUSE, Hit, PrefixCache
+from parallama.batching.token_prefix import common_prefix
+from parallama.batching.ram_tier import RamTier
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
 from parallama.batching.stats import CacheStats, SchedulerStats, SlotStats
 from parallama.batching.stops import StopMatcher
@@ -34,6 +36,7 @@ class SchedulerConfig:
     ctx_size: int  # most tokens (prompt + output) one sequence may hold
     growth_margin: int = 16  # cells a newly admitted sequence should find free beyond its prompt
     layout: SeqLayout | None = None  # the plan's seq_ids; None: every seq_id is a slot, no prefix cache
+    cache_ram_bytes: int = 0  # the prefix cache's host-RAM tier; 0: none
 
 
 @dataclass(slots=True)
@@ -53,7 +56,8 @@ class Scheduler:
         if layout.n_seq_max > backend.n_seq_max:
             raise ValueError(f"the layout needs {layout.n_seq_max} seq_ids; the context has {backend.n_seq_max}")
         self.layout = layout
-        self.cache = PrefixCache(backend, layout.cache_seq_ids[0]) if layout.cache_ids else None
+        ram = RamTier(config.cache_ram_bytes) if config.cache_ram_bytes > 0 else None
+        self.cache = PrefixCache(backend, layout.cache_seq_ids, ram) if layout.cache_ids else None
         self.num_slots = layout.slots  # seq_ids requests may take
         self.waiting: deque[list[Sequence]] = deque()  # groups admitted together, FCFS
         self.running: list[Sequence] = []
@@ -89,7 +93,7 @@ class Scheduler:
 
     def kv_cells_used(self) -> int:
         """Cells in use, the prefix cache's included; a shared prefix counts once, as in llama.cpp."""
-        prefixes = {id(s.prefix): s.prefix.length for s in self.running if s.prefix and not s.prefix.in_cache}
+        prefixes = {id(s.prefix): s.prefix.length for s in self.running if s.prefix and s.prefix.node is None}
         return sum(s.own_cells() for s in self.running) + sum(prefixes.values()) + self.kv_cells_cached()
 
     def kv_cells_cached(self) -> int:
@@ -108,6 +112,12 @@ class Scheduler:
         return SchedulerStats(
             running=len(self.running), slots=tuple(slots), cells_used=self.kv_cells_used() - self.kv_cells_cached(),
             steps=self.num_steps, preemptions=self.num_preemptions, resizes=self.num_resizes)
+
+    def cache_ram_bytes(self) -> int:
+        return self.cache.ram.num_bytes if self.cache is not None and self.cache.ram is not None else 0
+
+    def release_cache_ram(self) -> int:
+        return self.cache.ram.clear() if self.cache is not None and self.cache.ram is not None else 0
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats() if self.cache else CacheStats()
@@ -146,7 +156,8 @@ class Scheduler:
         for seq, item, row in zip(seqs, plan.items, plan.logits_index):
             seq.num_computed += len(item.token_ids)
             if item.wants_logits:
-                self._cache_prompt(seq)
+                if not seq.output:
+                    self._keep_in_cache(seq)  # the prompt is in: later requests can share it now
                 self._accept(seq, seq.sampler.sample(row))
 
     def _expire(self, now: float) -> None:
@@ -156,12 +167,16 @@ class Scheduler:
 
     # --- admission -----------------------------------------------------------------------------
     def _admit(self, cap: int) -> None:
-        while self.waiting and self._can_admit(self.waiting[0], cap):
-            group = self.waiting.popleft()
+        while self.waiting:
+            group = self.waiting[0]
+            hit = self._lookup(group)
+            if self._wait_for_shared_prefill(group, hit) or not self._can_admit(group, cap, hit):
+                break
+            self.waiting.popleft()
             self.num_dequeued += _first_admission(group)
             try:
                 for seq in group:
-                    self._start(seq)
+                    self._start(seq, hit if seq is group[0] else None)
             except Exception as exc:  # e.g. llama.cpp refused a sampler: fail this request, not the engine
                 log.exception("could not start %s", group[0].request.request_id)
                 self._fail({group[0].request}, str(exc))
@@ -172,7 +187,7 @@ class Scheduler:
                 for f in followers:
                     f.copy_from = leader
 
-    def _can_admit(self, group: list[Sequence], cap: int) -> bool:
+    def _can_admit(self, group: list[Sequence], cap: int, hit: Hit | None) -> bool:
         if len(group) > len(self.free_ids):
             return False
         if not self.running:
@@ -180,17 +195,39 @@ class Scheduler:
         if len(self.running) + len(group) > cap:
             return False
         margin = min(self.config.growth_margin, group[0].request.params.max_tokens)
-        need = group[0].num_tokens + len(group) * margin
+        copied = hit.tokens if hit is not None and hit.node is not None else 0  # shared cells cost nothing
+        need = group[0].num_tokens - copied + len(group) * margin
         room = self.backend.n_ctx - self._committed_cells()
-        if need > room and self.cache and self.cache.drop():  # the cached prefix gives its cells back
-            room = self.backend.n_ctx - self._committed_cells()
+        if need > room and self.cache:  # the cache gives cells back before anyone waits
+            room += self.cache.evict(need - room, keep=hit.node if hit is not None else None)
         return need <= room
+
+    def _lookup(self, group: list[Sequence]) -> Hit | None:
+        """The prefix cache's best offer for a single new sequence (groups share their own prompt)."""
+        seq = group[0]
+        if self.cache is None or len(group) > 1 or seq.num_computed or seq.parked is not None:
+            return None
+        return self.cache.lookup(seq.prompt, self.backend.n_ctx - self._committed_cells())
+
+    def _wait_for_shared_prefill(self, group: list[Sequence], hit: Hit | None) -> bool:
+        """A fan-out: the head of the queue shares a long prefix with a prompt still being prefilled.
+        It waits a step or two for that prompt to reach the cache, then copies it, instead of
+        computing the same tokens again beside it."""
+        if self.cache is None or len(group) > 1 or group[0].num_computed or group[0].parked is not None:
+            return False
+        prompt, have = group[0].prompt, hit.tokens if hit is not None else 0
+        for seq in self.running:
+            if not seq.output and seq.request.n == 1:
+                shared = common_prefix(seq.prompt, prompt, 0, min(len(prompt), len(seq.prompt)) - 1)
+                if shared >= have + 4 * MIN_REUSE:
+                    return True
+        return False
 
     def _committed_cells(self) -> int:
         """Cells the running sequences hold once their pending tokens are in."""
         return self.kv_cells_used() + sum(s.num_pending for s in self.running if s.copy_from is None)
 
-    def _start(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence, hit: Hit | None) -> None:
         if seq.sampler is None:  # first admission; built before taking a seq_id, in case it raises
             params = seq.request.params
             seq.sampler = self.backend.new_sampler(params)
@@ -202,22 +239,33 @@ class Scheduler:
         self.running.append(seq)
         if seq.parked is not None:
             self._unpark(seq)
-        elif self.cache and seq.num_computed == 0 and seq.request.n == 1:
-            self._reuse_cached_prefix(seq)
+        elif hit is not None:
+            self._take_hit(seq, hit)
+        elif self._cacheable(seq) and seq.num_computed == 0:
+            self.cache.misses += 1
 
-    def _reuse_cached_prefix(self, seq: Sequence) -> None:
-        n = self.cache.match(seq.prompt)
-        self.cache.misses += not n
-        if n:
-            self.cache.copy_to(seq.seq_id, n)
-            seq.num_computed, seq.prefix = n, SharedPrefix(n, in_cache=True)
+    def _take_hit(self, seq: Sequence, hit: Hit) -> None:
+        try:
+            node = self.cache.attach(seq.seq_id, hit)
+        except BackendError as exc:  # a RAM copy that does not fit after all: compute instead
+            log.warning("seq=%d: cached prefix not restored (%s); computing it", seq.seq_id, exc)
+            return
+        seq.num_computed = hit.tokens
+        seq.prefix = SharedPrefix(hit.tokens, node) if node is not None else None
+        seq.request.cached_tokens = hit.tokens
 
-    def _cache_prompt(self, seq: Sequence) -> None:
-        """A single sequence just finished its prompt: offer it to the prefix cache."""
-        if self.cache and seq.request.n == 1 and seq.prefix is None and not seq.output:
-            n = self.cache.store(seq.seq_id, seq.prompt)
-            if n:
-                seq.prefix = SharedPrefix(n, in_cache=True)
+    def _cacheable(self, seq: Sequence) -> bool:
+        return self.cache is not None and seq.request.n == 1
+
+    def _keep_in_cache(self, seq: Sequence) -> None:
+        """Leave this sequence's KV in the prefix cache (its prompt once computed, then prompt and answer
+        when it finishes); from then on it shares those cells with the cache."""
+        if not self._cacheable(seq) or seq.seq_id is None:
+            return
+        shared = seq.prefix.node if seq.prefix is not None else None
+        node = self.cache.insert(seq.seq_id, seq.tokens(0, seq.num_computed), shared)
+        if node is not None and node is not shared:
+            seq.prefix = SharedPrefix(node.end, node)
 
     def _unpark(self, seq: Sequence) -> None:
         """Put a preempted sequence's saved KV back; if it does not fit, it recomputes instead."""
@@ -284,6 +332,8 @@ class Scheduler:
                 flush: bool = True) -> None:
         if flush and seq.detokenizer is not None:
             text += seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.flush()
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._keep_in_cache(seq)  # the next turn of this conversation starts with all of it
         self._release(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         if seq.sampler is not None:
@@ -307,8 +357,8 @@ class Scheduler:
             f.copy_from = None
         if seq.copy_from is not None:
             seq.copy_from.followers.remove(seq)
-        if seq.prefix is not None and seq.prefix.in_cache:
-            self.cache.release()
+        if seq.prefix is not None and seq.prefix.node is not None:
+            self.cache.release(seq.prefix.node)
         seq.seq_id, seq.followers, seq.copy_from, seq.prefix, seq.num_computed = None, [], None, None, 0
 
     # --- pressure and failure ------------------------------------------------------------------
@@ -317,8 +367,8 @@ class Scheduler:
         newest sequence. The batch runs again next step without it."""
         for item in plan.items:
             self.backend.seq_remove(item.seq_id, item.start_pos)
-        if self.cache and self.cache.drop():
-            return  # the cached prefix's cells were enough: run the batch again as it was
+        if self.cache and self.cache.evict(plan.num_tokens):
+            return  # the cache's cells may be enough: run the batch again as it was
         if len(self.running) > 1:
             self._kv_full_running = len(self.running)  # reported with this step's result
             self.preempt(max(self.running, key=lambda s: s.admitted))

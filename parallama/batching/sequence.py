@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from parallama.batching.events import Event, Usage
 from parallama.sequences import Sampler, SamplingParams
 from parallama.batching.detokenizer import IncrementalDetokenizer
 from parallama.batching.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from parallama.batching.prefix_cache import Node
 
 
 class SeqStatus(enum.IntEnum):
@@ -30,7 +35,7 @@ class SharedPrefix:
     (``seq_cp``) to the others, or copied from (or into) the prefix cache, which counts them."""
 
     length: int
-    in_cache: bool = False
+    node: Node | None = None  # the prefix cache's node when the cells are shared with the cache
 
 
 @dataclass(eq=False, slots=True)
@@ -46,10 +51,11 @@ class Request:
     num_unfinished: int = 0
     error: str | None = None
     deadline: float | None = None  # time.monotonic() after which it ends with what it has
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache instead of being computed
 
     def usage(self) -> Usage:
         completion = sum(len(s.output) for s in self.sequences)
-        return Usage(prompt_tokens=len(self.prompt), completion_tokens=completion)
+        return Usage(prompt_tokens=len(self.prompt), completion_tokens=completion, cached_tokens=self.cached_tokens)
 
 
 @dataclass(eq=False, slots=True)

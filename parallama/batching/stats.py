@@ -29,6 +29,10 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     tokens_reused: int = 0  # prompt tokens copied from the cache instead of computed
+    evictions: int = 0  # entries that gave their cells back (saved to the RAM tier when it has one)
+    ram_entries: int = 0  # entries held in the host-RAM tier
+    ram_bytes: int = 0
+    ram_budget_bytes: int = 0  # --cache-ram
 
 
 @dataclass(frozen=True, slots=True)

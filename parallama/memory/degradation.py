@@ -47,6 +47,7 @@ class ControllerStats:
     max_cells: int
     reason: str  # none | kv cache full | memory below reserve | recovering
     decreases: int
+    releases: int  # times the prefix cache's RAM tier was given back
     reserve_bytes: int
     reading: MemoryReading | None
 
@@ -56,6 +57,12 @@ class Resize:
     cells: int  # the KV cache the engine should rebuild to
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give back the memory that costs nothing running: the prefix cache's RAM tier. Asked for first,
+    before any resize, while there is some to give."""
+
+
 @dataclass(slots=True)
 class DegradationController:
     config: DegradationConfig
@@ -63,6 +70,7 @@ class DegradationController:
     cells: int = 0
     reason: str = "none"
     num_decreases: int = 0
+    num_releases: int = 0
     last_reading: MemoryReading | None = None
     _healthy_since: float | None = field(default=None, repr=False)
 
@@ -80,9 +88,15 @@ class DegradationController:
         return self.cap
 
     # --- lever 2: free memory ------------------------------------------------------------------
-    def observe(self, reading: MemoryReading, now: float) -> Resize | None:
+    def observe(self, reading: MemoryReading, now: float, reclaimable: int = 0) -> Resize | Release | None:
+        """``reclaimable``: bytes the engine can give back without touching running work (the prefix
+        cache's RAM tier). Under pressure they go first; the next reading decides whether to shrink."""
         self.last_reading = reading
         room = self._room(reading)
+        if room < 0 and reclaimable > 0:
+            self._healthy_since = None
+            self.num_releases += 1
+            return Release()
         if room < self.config.hysteresis_bytes:
             self._healthy_since = None  # pressure, or too close to it: the recovery clock stops
             fit = self._fit(reading, self.config.reserve_bytes)
@@ -137,7 +151,8 @@ class DegradationController:
     def stats(self) -> ControllerStats:
         c = self.config
         return ControllerStats(cap=self.cap, max_cap=c.max_cap, cells=self.cells, max_cells=c.max_cells,
-                               reason=self.reason, decreases=self.num_decreases, reserve_bytes=c.reserve_bytes,
+                               reason=self.reason, decreases=self.num_decreases, releases=self.num_releases,
+                               reserve_bytes=c.reserve_bytes,
                                reading=self.last_reading)
 
 

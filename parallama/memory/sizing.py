@@ -93,6 +93,7 @@ class SizingInput:
     n_batch: int = 512
     cache_types: str = "f16"  # shown by describe(), e.g. "q8_0/f16"
     prefix_cache: bool = False  # seq_ids beyond the slots hold cached prefixes
+    cache_ram_bytes: int | None = 0  # the prefix cache's host-RAM tier; None: auto (see cache_ram)
 
     def __post_init__(self) -> None:
         for name in ("kv_bytes_per_token", "ctx_size", "n_vocab", "n_layer", "max_parallel", "n_batch"):
@@ -117,6 +118,7 @@ class SizingPlan:
     reserve_bytes: int
     budget_cells: int  # the most cells the memory would have allowed
     cache_types: str = "f16"
+    cache_ram_bytes: int = 0  # host RAM set aside for the prefix cache's second tier
 
     @property
     def parallel(self) -> int:
@@ -141,6 +143,7 @@ class SizingPlan:
             f"{seqs} x {self.ctx_size} tokens over {self.kv_cells:,} KV cells = "
             f"{format_size(self.kv_bytes)} ({self.cache_types}) + {format_size(self.weights_bytes)} weights; "
             f"{self._free_text()}; reserve {format_size(self.reserve_bytes)}"
+            + (f"; prefix cache RAM {format_size(self.cache_ram_bytes)}" if self.cache_ram_bytes else "")
         )
 
     def _free_text(self) -> str:
@@ -187,10 +190,11 @@ class _Pool:
     weights: int
     compute: int
     reserve: int
+    cache_ram: int = 0  # the prefix cache's RAM tier (host pool only)
 
     @property
     def budget(self) -> int:
-        return self.free - self.reserve - self.weights - self.compute
+        return self.free - self.reserve - self.weights - self.compute - self.cache_ram
 
     def cells(self, kv_bytes_per_token: int) -> int:
         return max(0, int(self.budget // (self.share * kv_bytes_per_token)))
@@ -199,7 +203,8 @@ class _Pool:
         return (
             f"{format_size(max(0, self.budget))} is left for it in {self.name} ({format_size(self.free)} free"
             f" - {format_size(self.reserve)} reserve - {format_size(self.weights)} weights"
-            f" - {format_size(self.compute)} compute buffers)"
+            f" - {format_size(self.compute)} compute buffers"
+            + (f" - {format_size(self.cache_ram)} prefix cache RAM)" if self.cache_ram else ")")
         )
 
 
@@ -215,7 +220,8 @@ def _pools(inp: SizingInput, reading: MemoryReading, n_seq_max: int) -> list[_Po
     if frac < 1:
         weights = inp.weights_bytes - int(inp.weights_bytes * frac)
         host_compute = compute if frac == 0 else COMPUTE_FIXED
-        pools.append(_Pool("RAM", reading.host_free, 1 - frac, weights, host_compute, inp.reserve_bytes))
+        pools.append(_Pool("RAM", reading.host_free, 1 - frac, weights, host_compute, inp.reserve_bytes,
+                           cache_ram(inp, reading)))
     return pools
 
 
@@ -256,7 +262,18 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
         reserve_bytes=inp.reserve_bytes,
         budget_cells=budget,
         cache_types=inp.cache_types,
+        cache_ram_bytes=cache_ram(inp, reading),
     )
+
+
+def cache_ram(inp: SizingInput, reading: MemoryReading) -> int:
+    """Host RAM for the prefix cache's second tier: as asked, or auto: the smaller of 1 GiB and a tenth
+    of free RAM (so a small container keeps most of its memory for the model and KV)."""
+    if not inp.prefix_cache:
+        return 0
+    if inp.cache_ram_bytes is None:
+        return min(GiB, reading.host_free // 10)
+    return inp.cache_ram_bytes
 
 
 def _check_request(inp: SizingInput) -> None:

@@ -56,15 +56,21 @@ def render_status(s: Served, st: EngineStats) -> dict:
                       "slots": slots},
         "queue": {"waiting": st.queued},
         "kv": {"cells_total": st.cells_total, "cells_used": sched.cells_used, "cells_cached": st.cache.cells},
-        "prefix_cache": {"entries": st.cache.entries, "cells": st.cache.cells, "hits": st.cache.hits,
-                         "misses": st.cache.misses, "tokens_reused": st.cache.tokens_reused},
+        "prefix_cache": _prefix_cache(st, facts.kv_bytes_per_token),
         "engine": {"steps": sched.steps, "decode_calls": st.decode_calls, "preemptions": sched.preemptions},
     }
     if st.controller is not None:
         body["memory"] = _memory(st.controller)
         body["degradation"] = {"reason": st.controller.reason, "preemptions": sched.preemptions,
-                               "resizes": sched.resizes}
+                               "resizes": sched.resizes, "cache_ram_releases": st.controller.releases}
     return body
+
+
+def _prefix_cache(st: EngineStats, kv_bytes_per_token: int) -> dict:
+    c = st.cache
+    return {"entries": c.entries, "cells": c.cells, "kv_bytes": c.cells * kv_bytes_per_token, "hits": c.hits,
+            "misses": c.misses, "tokens_reused": c.tokens_reused, "evictions": c.evictions,
+            "ram": {"entries": c.ram_entries, "bytes": c.ram_bytes, "budget_bytes": c.ram_budget_bytes}}
 
 
 def _memory(c: ControllerStats) -> dict:

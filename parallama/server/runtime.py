@@ -44,6 +44,7 @@ def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: Memo
         n_batch=settings.batch_size,
         cache_types=cache_types,
         prefix_cache=settings.prefix_cache,
+        cache_ram_bytes=settings.cache_ram_bytes,
     ), reading)
 
 
@@ -81,7 +82,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         recover_after=settings.recover_after,
     ))
     engine = Engine(backend, EngineConfig(ctx_size=settings.ctx_size, max_queue=settings.max_queue,
-                                          layout=plan.layout), probe, controller)
+                                          layout=plan.layout, cache_ram_bytes=plan.cache_ram_bytes), probe, controller)
     engine.start()
     names = ModelNames.from_alias(settings.model_alias, path.stem)
     model_id = names.model_id

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     memory_reserve: str = Field("1GiB", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB")
     memory_check_interval: float = Field(0.5, gt=0, description="seconds between memory readings while serving")
     recover_after: float = Field(3.0, ge=0, description="seconds of steady headroom before each step back up")
-    prefix_cache: bool = Field(True, description="keep the last prompt's KV to reuse its prefix (e.g. a shared system prompt)")
+    prefix_cache: bool = Field(True, description="keep finished requests' KV to reuse their prefixes (resent conversations, shared system prompts)")
+    cache_ram: str = Field("auto", description="host RAM for the prefix cache's second tier (evicted entries are saved there), e.g. 2GiB; 0 turns it off; auto: the smaller of 1GiB and a tenth of free RAM")
     batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
     ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")
@@ -70,6 +71,18 @@ class Settings(BaseSettings):
     @property
     def reserve_bytes(self) -> int:
         return parse_size(self.memory_reserve)
+
+    @field_validator("cache_ram")
+    @classmethod
+    def _size_or_auto(cls, value: str) -> str:
+        if value.strip().lower() != "auto":
+            parse_size(value)
+        return value
+
+    @property
+    def cache_ram_bytes(self) -> int | None:
+        """None: let the start-up plan choose."""
+        return None if self.cache_ram.strip().lower() == "auto" else parse_size(self.cache_ram)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
