@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallama.memory.degradation import DegradationConfig, DegradationController, Resize
+from parallama.memory.degradation import DegradationConfig, DegradationController, Release, Resize
 from parallama.memory.probes import GiB, MiB, MemoryReading
 from parallama.batching.scheduler import Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
@@ -45,6 +45,16 @@ def test_memory_below_reserve_shrinks_the_cache(free_bytes, cells, cap):
     ctl = DegradationController(config())
     assert ctl.observe(free(free_bytes), 0.0) == Resize(cells)
     assert (ctl.cells, ctl.cap, ctl.reason) == (cells, cap, "memory below reserve")
+
+
+def test_under_pressure_the_cache_ram_goes_first_and_only_then_the_kv_cache():
+    ctl = DegradationController(config())
+    short = free(RESERVE - 512 * MiB)
+    assert ctl.observe(short, 0.0, reclaimable=300 * MiB) == Release()  # costs nothing running: first
+    assert (ctl.cells, ctl.cap, ctl.num_releases) == (2048, 8, 1)
+    assert ctl.observe(short, 0.5, reclaimable=0) == Resize(1536)  # still short with nothing to give back
+    assert ctl.stats().releases == 1 and ctl.stats().decreases == 1
+    assert ctl.observe(free(RESERVE + 64 * MiB), 1.0, reclaimable=300 * MiB) is None  # no pressure: keep it
 
 
 def test_shrunk_cache_grows_back_one_step_at_a_time_after_sustained_headroom():

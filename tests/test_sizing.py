@@ -396,6 +396,19 @@ def test_layout_stays_within_llamas_seq_limit():
     assert plan.compute_bytes == compute_bytes(512, VOCAB, 256)  # an output row for every seq_id
 
 
+def test_the_plan_counts_the_prefix_caches_ram_tier():
+    plain = plan_sizing(model(), ram(4096))
+    with_ram = plan_sizing(model(prefix_cache=True, cache_ram_bytes=64 * MiB, max_parallel=4), ram(4096))
+    assert with_ram.cache_ram_bytes == 64 * MiB
+    # 64 MiB is 1024 cells of 64 KiB (give or take the compute estimate, which follows the seq_ids)
+    assert abs(with_ram.budget_cells - (plain.budget_cells - 64 * MiB // KV)) <= 8
+    assert "; prefix cache RAM 64 MiB" in with_ram.describe()
+    auto = plan_sizing(model(prefix_cache=True, cache_ram_bytes=None), MemoryReading(4 * GiB, 8 * GiB))
+    assert auto.cache_ram_bytes == 4 * GiB // 10  # a small machine: a tenth of free RAM
+    assert plan_sizing(model(prefix_cache=True, cache_ram_bytes=None), ram(1_000_000)).cache_ram_bytes == GiB
+    assert plan_sizing(model(cache_ram_bytes=None), ram(4096)).cache_ram_bytes == 0  # no cache, no tier
+
+
 def test_parallel_that_leaves_no_id_for_the_cache_is_refused_in_flag_terms():
     with pytest.raises(SizingError, match=r"--parallel 256 leaves no sequence id for --prefix-cache.*--prefix-cache false"):
         plan_sizing(model(parallel=256, max_parallel=256, prefix_cache=True, ctx_size=64), ram(1_000_000))
