@@ -90,6 +90,7 @@ class Engine:
         self.probe = probe
         self.controller = controller
         self.facts: ModelFacts = backend.facts  # immutable: safe to read from any thread
+        self.constraints = backend.constraints  # compiles grammars on the caller's thread
         self.num_slots = self.scheduler.num_slots  # the most sequences one request (n) may take
         self._next_probe = 0.0
         self._cap = self._wanted_cap()
@@ -175,6 +176,9 @@ class Engine:
     # --- the worker's side ---------------------------------------------------------------------
     def _send(self, command: Command) -> None:
         self._commands.append(command)
+    def token_bytes(self, token: int) -> bytes:
+        return self.backend.token_bytes(token)
+
         self._wake.set()
 
     def _run(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from parallama.sequences.backend import TokenLogprob
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -32,3 +34,4 @@ class Event:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked

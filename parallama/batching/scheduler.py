@@ -320,6 +320,7 @@ class Scheduler:
             self._finish(seq, FinishReason.STOP, token_ids=[token])
             return
         seq.output.append(token)
+        seq.last_logprob = seq.sampler.last_logprob  # None unless the request asked for logprobs
         text, stopped = seq.stops.feed(seq.detokenizer.add(token))
         if stopped:
             self._finish(seq, FinishReason.STOP, text, [token], flush=False)

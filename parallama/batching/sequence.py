@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from parallama.batching.events import Event, Usage
 from parallama.sequences import Sampler, SamplingParams
+from parallama.sequences.backend import TokenLogprob
 from parallama.batching.detokenizer import IncrementalDetokenizer
 from parallama.batching.stops import StopMatcher
 
@@ -73,6 +74,7 @@ class Sequence:
     copy_from: Sequence | None = None  # a group member waiting for the leader's prompt cells
     followers: list[Sequence] = field(default_factory=list)  # members waiting on this leader
     admitted: int = -1  # admission order; the newest is preempted first
+    last_logprob: TokenLogprob | None = None  # of the last token in ``output``, when asked for
     parked: bytes | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
     parked_tokens: int = 0
     finish_reason: FinishReason | None = None
@@ -104,8 +106,12 @@ class Sequence:
         return self.num_computed - (self.prefix.length if self.prefix else 0)
 
     def text_event(self, token: int, delta: str) -> Event:
-        return Event(index=self.index, text=delta, token_ids=[token])
+        return Event(index=self.index, text=delta, token_ids=[token], logprobs=self._logprobs())
 
     def final_event(self, text: str, token_ids: list[int]) -> Event:
         reason = self.finish_reason.value if self.finish_reason else None
-        return Event(index=self.index, text=text, token_ids=token_ids, finish_reason=reason)
+        logprobs = self._logprobs() if token_ids and token_ids[-1:] == self.output[-1:] else None
+        return Event(index=self.index, text=text, token_ids=token_ids, finish_reason=reason, logprobs=logprobs)
+
+    def _logprobs(self) -> list[TokenLogprob] | None:
+        return [self.last_logprob] if self.last_logprob is not None else None

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from parallama.sequences.params import SamplingParams
+
+if TYPE_CHECKING:
+    from parallama.sequences.constraint import ConstraintCompiler
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +65,20 @@ class ModelFacts:
     eos_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The sampled token's log-probability under the model, and the most likely tokens at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 class Sampler(Protocol):
-    """A per-sequence sampler chain. It keeps its own RNG and penalty history across steps."""
+    """A per-sequence sampler chain. It keeps its own RNG and penalty history across steps.
+    ``last_logprob`` describes the last sample when the params asked for logprobs (else None)."""
+
+    last_logprob: TokenLogprob | None
 
     def sample(self, logits_index: int) -> int: ...
 
@@ -72,6 +87,7 @@ class Sampler(Protocol):
 
 class Backend(Protocol):
     facts: ModelFacts
+    constraints: ConstraintCompiler | None  # compiles grammars for this model; None: not supported
     n_ctx: int  # KV cells shared by all sequences
     n_seq_max: int
     n_batch: int

@@ -28,6 +28,7 @@ class FakeSampler:
     backend: FakeBackend
     params: SamplingParams
     num_sampled: int = 0
+    last_logprob: None = None
 
     def sample(self, logits_index: int) -> int:
         seq_id = self.backend.logits_seq[logits_index]
@@ -50,6 +51,7 @@ class FakeBackend:
     fail_decodes: set[int] = field(default_factory=set)  # decode call numbers (1-based) that fail
     decode_calls: int = 0
     closed_samplers: int = 0
+    constraints: None = None  # no grammars here
     plans: list[BatchPlan] = field(default_factory=list)
     logits_seq: dict[int, int] = field(default_factory=dict)
     # Cells: each seq holds a list of cell ids; a cell is free when no seq holds it.

@@ -37,6 +37,7 @@ class LlamaBackend:
         self.model = model
         self.config = config
         self.facts: ModelFacts = model.facts(config.cache_type_k, config.cache_type_v)
+        self.constraints = model.constraints
         self.decode_calls = 0
         self._ctx_ref: list = [None]  # shared with samplers, so a rebuilt context reaches them
         self._open(config)

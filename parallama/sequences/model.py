@@ -13,6 +13,7 @@ from pathlib import Path
 import llama_cpp
 
 from parallama.sequences.backend import ModelFacts
+from parallama.sequences.constraint import ConstraintCompiler
 from parallama.sequences.config import CACHE_TYPES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        self.constraints = ConstraintCompiler(self.vocab, self.n_vocab, eog)
 
     def close(self) -> None:
         if self.ptr:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parallama.sequences.constraint import Constraint
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +31,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     max_tokens: int = 256
-
+    constraint: Constraint | None = None  # a compiled grammar the output must follow
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
     @property
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0

@@ -1,31 +1,71 @@
-"""A llama.cpp sampler chain per sequence, built from its SamplingParams."""
+"""A llama.cpp sampler chain per sequence, built from its SamplingParams, with its constraint and logprobs."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import llama_cpp
+import numpy as np
 
+from parallama.sequences.backend import TokenLogprob
+from parallama.sequences.constraint import ConstraintState
 from parallama.sequences.params import SamplingParams
 
 
 class LlamaSampler:
     """Owns one ``llama_sampler`` chain. ``llama_sampler_sample`` applies the chain to the logits of
-    one batch row and accepts the token, so penalties and the RNG advance with the sequence."""
+    one batch row and accepts the token, so penalties and the RNG advance with the sequence.
 
-    __slots__ = ("_chain", "_ctx")
+    A constrained sequence first has its row masked in place (tokens its grammar does not allow get
+    -inf), so every sampler in the chain sees only allowed tokens; the grammar then advances with the
+    token the chain picked. Logprobs are read from the row before the mask and the chain: the model's
+    own distribution (as vLLM reports them by default)."""
+
+    __slots__ = ("_chain", "_ctx", "_n_vocab", "_constraint", "_logprobs", "last_logprob")
 
     def __init__(self, ctx_ref: list, n_vocab: int, params: SamplingParams) -> None:
         self._ctx = ctx_ref  # a one-item list holding the current context; it changes on a rebuild
+        self._n_vocab = n_vocab
         self._chain = _build_chain(n_vocab, params)
+        self._constraint: ConstraintState | None = params.constraint.matcher() if params.constraint else None
+        self._logprobs = params.logprobs
+        self.last_logprob: TokenLogprob | None = None
 
     def sample(self, logits_index: int) -> int:
-        return llama_cpp.llama_sampler_sample(self._chain, self._ctx[0], logits_index)
+        row = self._row(logits_index) if self._constraint is not None or self._logprobs is not None else None
+        logprobs = _log_softmax(row) if self._logprobs is not None else None
+        if self._constraint is not None:
+            self._constraint.mask_logits(row)
+        token = llama_cpp.llama_sampler_sample(self._chain, self._ctx[0], logits_index)
+        if self._constraint is not None:
+            self._constraint.accept(token)
+        if logprobs is not None:
+            self.last_logprob = _describe(logprobs, token, self._logprobs)
+        return token
+
+    def _row(self, logits_index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx[0], logits_index)
+        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,))
 
     def close(self) -> None:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def _describe(logprobs: np.ndarray, token: int, k: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        best = np.argpartition(logprobs, -k)[-k:]
+        best = best[np.argsort(logprobs[best])[::-1]]
+        top = tuple((int(t), float(logprobs[t])) for t in best)
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 def _build_chain(n_vocab: int, p: SamplingParams):

@@ -15,6 +15,8 @@ from fastapi import Request
 
 from parallama.batching import Engine, EngineStopped, Event, QueueFull, RequestStream, Usage
 from parallama.sequences import SamplingParams
+from parallama.sequences.backend import TokenLogprob
+from parallama.sequences.constraint import Constraint, ConstraintError
 from parallama.server.errors import APIError, ContextLengthExceeded, InvalidRequest, Overloaded, Unsupported
 from parallama.server.schemas import SamplingFields
 
@@ -25,6 +27,7 @@ RETRY_AFTER_SECONDS = "1"
 class Choice:
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -39,7 +42,29 @@ def check_supported(body: SamplingFields) -> None:
         raise Unsupported(f"'{name}' is not supported by this server", param=name)
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, n_vocab: int) -> SamplingParams:
+async def compile_constraint(body: SamplingFields, engine: Engine) -> Constraint | None:
+    """The request's output constraint, compiled on a worker thread of the event loop (never the
+    engine's): a schema that cannot be compiled is a 400 naming the field, never free text."""
+    specs = body.constraint_specs()
+    if len(specs) > 1:
+        raise InvalidRequest(f"use one of {', '.join(p for _, p, _ in specs)}, not several", specs[1][1])
+    if not specs:
+        return None
+    kind, param, source = specs[0]
+    if source is None:
+        raise InvalidRequest(f"{param} needs a 'schema'", f"{param}.schema")
+    if engine.constraints is None:
+        raise Unsupported("this engine cannot constrain its output", param=param)
+    compiler = engine.constraints
+    build = compiler.gbnf if kind == "grammar" else compiler.json_schema
+    try:
+        return await asyncio.to_thread(build, source)
+    except ConstraintError as exc:
+        raise InvalidRequest(f"{param}: {exc}", param) from exc
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, n_vocab: int,
+                    constraint: Constraint | None = None) -> SamplingParams:
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k or 0,
@@ -52,6 +77,8 @@ def sampling_params(body: SamplingFields, max_tokens: int, n_vocab: int) -> Samp
         logit_bias=_logit_bias(body.logit_bias, n_vocab),
         stop=body.stop_list(),
         max_tokens=max_tokens,
+        constraint=constraint,
+        logprobs=body.logprobs_wanted(),
     )
 
 
@@ -111,6 +138,8 @@ async def collect(streams: list[RequestStream], n: int, http: Request) -> Outcom
                     choice = outcome.choices[i * n + event.index]
                     choice.text += event.text
                     choice.finish_reason = event.finish_reason or choice.finish_reason
+                    if event.logprobs:
+                        choice.logprobs += event.logprobs
                     if event.usage:
                         outcome.usage += event.usage
     return outcome

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from parallama.batching import RequestStream
 from parallama.server import generation as gen
 from parallama.server.errors import InvalidRequest
+from parallama.server.logprobs import chat_logprobs, completion_logprobs
 from parallama.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from parallama.server.state import Served, served
 from parallama.server.streaming import ChunkWriter, chat_events, completion_events, usage_dict
@@ -27,17 +28,19 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     prompt = s.engine.tokenize(text, add_special=True, parse_special=True)
     requested = body.max_completion_tokens or body.max_tokens
     limit = gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None, prompt_param="messages")
-    params = gen.sampling_params(body, limit, s.n_vocab)
+    params = gen.sampling_params(body, limit, s.n_vocab, await gen.compile_constraint(body, s.engine))
     n = _n(body, s)
     head = _head("chatcmpl", "chat.completion", s)
     stream = gen.submit(s.engine, prompt, params, n, s.request_timeout)
+    chat_lp = None if params.logprobs is None else (lambda _, lps: chat_logprobs(lps, s.engine.token_bytes))
     if body.stream:
         writer = ChunkWriter({**head, "object": "chat.completion.chunk"}, _include_usage(body))
-        return StreamingResponse(chat_events([stream], n, writer), media_type="text/event-stream",
+        return StreamingResponse(chat_events([stream], n, writer, chat_lp), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     outcome = await gen.collect([stream], n, http)
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None}, "logprobs": None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(outcome.choices)]
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": chat_lp(i, c.logprobs) if chat_lp else None, "finish_reason": c.finish_reason}
+               for i, c in enumerate(outcome.choices)]
     return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
 
 
@@ -48,23 +51,33 @@ async def completions(body: CompletionRequest, http: Request):
     n = _n(body, s)
     max_tokens = [gen.resolve_max_tokens(body.max_tokens, len(p), s.ctx_size, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                          prompt_param="prompt") for p in prompts]
+    constraint = await gen.compile_constraint(body, s.engine)
     streams: list[RequestStream] = []
     try:
         for prompt, limit in zip(prompts, max_tokens):
-            streams.append(gen.submit(s.engine, prompt, gen.sampling_params(body, limit, s.n_vocab), n, s.request_timeout))
+            params = gen.sampling_params(body, limit, s.n_vocab, constraint)
+            streams.append(gen.submit(s.engine, prompt, params, n, s.request_timeout))
     except Exception:
         for stream in streams:
             stream.cancel()
         raise
     echoes = [s.engine.detokenize(p) if body.echo else "" for p in prompts for _ in range(n)]
     head = _head("cmpl", "text_completion", s)
+    offsets = [len(echo) for echo in echoes]  # where each choice's next token starts in its text
+
+    def completion_lp(index: int, lps: list) -> dict:
+        out = completion_logprobs(lps, s.engine.token_bytes, offsets[index])
+        offsets[index] += sum(len(t) for t in out["tokens"])
+        return out
+
+    lp = None if body.logprobs is None else completion_lp
     if body.stream:
         writer = ChunkWriter(head, _include_usage(body))
-        return StreamingResponse(completion_events(streams, n, writer, echoes), media_type="text/event-stream",
+        return StreamingResponse(completion_events(streams, n, writer, echoes, lp), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     outcome = await gen.collect(streams, n, http)
-    choices = [{"index": i, "text": echoes[i] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
-               for i, c in enumerate(outcome.choices)]
+    choices = [{"index": i, "text": echoes[i] + c.text, "logprobs": lp(i, c.logprobs) if lp else None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(outcome.choices)]
     return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
 
 

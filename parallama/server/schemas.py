@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOPS = 4
 MAX_STOP_LENGTH = 256
@@ -17,6 +17,20 @@ MAX_STOP_LENGTH = 256
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -40,14 +54,15 @@ class SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
+    # Structured output: OpenAI's response_format, and llama-server's json_schema and grammar (GBNF)
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = Field(None, max_length=65536)
     # Declared only to refuse them clearly (see UNSUPPORTED).
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -67,6 +82,25 @@ class SamplingFields(BaseModel):
                 return name
         return None
 
+    def constraint_specs(self) -> list[tuple[str, str, Any]]:
+        """(kind, param, source) of each output constraint asked for: kind is "json_schema",
+        "json_object" or "grammar"; param names the field for errors; source is None when missing."""
+        specs = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            specs.append(("json_object", "response_format", {"type": "object"}))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.json_schema if rf.json_schema is not None else None
+            specs.append(("json_schema", "response_format.json_schema", schema))
+        if self.json_schema is not None:
+            specs.append(("json_schema", "json_schema", self.json_schema))
+        if self.grammar is not None:
+            specs.append(("grammar", "grammar", self.grammar))
+        return specs
+
+    def logprobs_wanted(self) -> int | None:
+        return None
+
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -79,9 +113,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "best_of": (1,),
     "suffix": ("",),
 }
@@ -108,6 +139,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprobs_wanted(self) -> int | None:
+        """None: no logprobs; k: the sampled token's and the k most likely tokens'."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
@@ -115,6 +159,10 @@ class CompletionRequest(SamplingFields):
         union_mode="left_to_right",
     )
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from parallama.batching import RequestStream, Usage
+from parallama.sequences.backend import TokenLogprob
 from parallama.server.generation import merged
+
+# (choice index, the logprobs of an event's tokens) -> the choice's "logprobs" value; None: not asked for
+LogprobsOf = Callable[[int, list[TokenLogprob]], dict[str, Any]] | None
 
 DONE = "data: [DONE]\n\n"
 
@@ -39,33 +43,35 @@ class ChunkWriter:
         return sse(payload)
 
 
-async def chat_events(streams: list[RequestStream], n: int, writer: ChunkWriter) -> AsyncIterator[str]:
+async def chat_events(streams: list[RequestStream], n: int, writer: ChunkWriter,
+                      logprobs_of: LogprobsOf = None) -> AsyncIterator[str]:
     for index in range(len(streams) * n):
         writer_choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}
         yield writer.chunk([writer_choice])
-    async for text in _events(streams, n, writer, _chat_choice):
+    async for text in _events(streams, n, writer, _chat_choice, logprobs_of):
         yield text
 
 
 async def completion_events(streams: list[RequestStream], n: int, writer: ChunkWriter,
-                            echoes: list[str]) -> AsyncIterator[str]:
+                            echoes: list[str], logprobs_of: LogprobsOf = None) -> AsyncIterator[str]:
     for index, echo in enumerate(echoes):
         if echo:
             yield writer.chunk([_completion_choice(index, echo, None)])
-    async for text in _events(streams, n, writer, _completion_choice):
+    async for text in _events(streams, n, writer, _completion_choice, logprobs_of):
         yield text
 
 
-async def _events(streams, n, writer, make_choice) -> AsyncIterator[str]:
+async def _events(streams, n, writer, make_choice, logprobs_of: LogprobsOf) -> AsyncIterator[str]:
     usage = Usage(0, 0)
     async for index, event in merged(streams, n):
         if event.error:
             yield error_event("the engine failed while generating this request")
             yield DONE
             return
-        if event.text:
-            yield writer.chunk([make_choice(index, event.text, None)])
+        logprobs = logprobs_of(index, event.logprobs) if logprobs_of and event.logprobs else None
+        if event.text or logprobs:
+            yield writer.chunk([make_choice(index, event.text, None, logprobs)])
         if event.finish_reason:
             yield writer.chunk([make_choice(index, "", event.finish_reason)])
         if event.usage:
@@ -75,10 +81,11 @@ async def _events(streams, n, writer, make_choice) -> AsyncIterator[str]:
     yield DONE
 
 
-def _chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    delta = {"content": text} if text else {}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    delta = {"content": text} if text or logprobs else {}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _completion_choice(index: int, text: str, finish_reason: str | None,
+                       logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
