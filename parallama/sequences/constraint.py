@@ -31,34 +31,61 @@ class ConstraintError(ValueError):
 
 
 class Constraint:
-    """A compiled grammar. ``matcher()`` gives a fresh matcher for one sequence."""
+    """A compiled grammar. ``matcher()`` gives a fresh matcher for one sequence.
 
-    __slots__ = ("_prototype", "source")
+    A lazy constraint (``trigger``) lets the sequence write freely until its output ends with the
+    trigger text, and constrains it from there: tool calls under tool_choice "auto"."""
 
-    def __init__(self, prototype: llguidance.LLMatcher, source: str) -> None:
+    __slots__ = ("_prototype", "_tokenizer", "source", "trigger")
+
+    def __init__(self, prototype: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, source: str,
+                 trigger: bytes | None = None) -> None:
         self._prototype = prototype
-        self.source = source  # "json_schema", "gbnf", ... for messages
+        self._tokenizer = tokenizer
+        self.source = source  # "json_schema", "grammar", "tools" ... for messages
+        self.trigger = trigger
 
     def matcher(self) -> ConstraintState:
-        return ConstraintState(self._prototype.deep_copy())
+        return ConstraintState(self._prototype.deep_copy(), self._tokenizer, self.trigger)
 
 
 class ConstraintState:
-    """One sequence's position in its grammar."""
+    """One sequence's position in its grammar (or, while lazy, in its free text before the trigger)."""
 
-    __slots__ = ("_matcher",)
+    __slots__ = ("_matcher", "_tokenizer", "_trigger", "_tail")
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer,
+                 trigger: bytes | None) -> None:
         self._matcher = matcher
+        self._tokenizer = tokenizer
+        self._trigger = trigger
+        self._tail = b""
+
+    @property
+    def active(self) -> bool:
+        return self._trigger is None
 
     def mask_logits(self, logits: np.ndarray) -> None:
         """Set every token the grammar does not allow next to -inf, in place."""
+        if not self.active:
+            return
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[0]].astype(bool)
         logits[~allowed] = NEG_INF
 
     def accept(self, token: int) -> None:
-        self._matcher.consume_token(token)
+        if self.active:
+            self._matcher.consume_token(token)
+            return
+        self._tail += self._tokenizer.decode_bytes([token])
+        at = self._tail.find(self._trigger)
+        if at < 0:
+            self._tail = self._tail[-len(self._trigger):]
+            return
+        rest = self._tail[at + len(self._trigger):]  # a token may run past the trigger
+        self._trigger, self._tail = None, b""
+        if rest:
+            self._matcher.consume_tokens(self._tokenizer.tokenize_bytes(rest))
 
     @property
     def error(self) -> str | None:
@@ -94,11 +121,16 @@ class ConstraintCompiler:
             raise ConstraintError(str(exc)) from exc
         return self._compile(grammar, "grammar")
 
-    def _compile(self, grammar: str, source: str) -> Constraint:
-        matcher = llguidance.LLMatcher(self._tokenizer_once(), grammar, log_level=0)
+    def lark(self, text: str, source: str = "lark", trigger: str | None = None) -> Constraint:
+        """A Lark grammar (llguidance's dialect, with ``%json {schema}``); lazy after ``trigger``."""
+        return self._compile(llguidance.LLMatcher.grammar_from_lark(text), source, trigger)
+
+    def _compile(self, grammar: str, source: str, trigger: str | None = None) -> Constraint:
+        tokenizer = self._tokenizer_once()
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(_first_line(matcher.get_error()))
-        return Constraint(matcher, source)
+        return Constraint(matcher, tokenizer, source, trigger.encode() if trigger else None)
 
     def _tokenizer_once(self) -> llguidance.LLTokenizer:
         with self._lock:

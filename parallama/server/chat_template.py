@@ -30,10 +30,13 @@ class ChatTemplate:
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         self._template = env.from_string(source or CHATML)
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
+        # Templates of the Hermes / Qwen family render tools, tool calls and tool results themselves.
+        self.takes_tools = bool(source) and "tools" in source and "tool_call" in source
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, **self._specials)
+            return self._template.render(messages=messages, add_generation_prompt=True, **self._specials, **extra)
         except InvalidRequest:
             raise
         except TemplateError as exc:

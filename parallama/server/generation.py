@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -16,9 +16,10 @@ from fastapi import Request
 from parallama.batching import Engine, EngineStopped, Event, QueueFull, RequestStream, Usage
 from parallama.sequences import SamplingParams
 from parallama.sequences.backend import TokenLogprob
-from parallama.sequences.constraint import Constraint, ConstraintError
+from parallama.sequences.constraint import Constraint, ConstraintCompiler, ConstraintError
 from parallama.server.errors import APIError, ContextLengthExceeded, InvalidRequest, Overloaded, Unsupported
 from parallama.server.schemas import SamplingFields
+from parallama.server.tools import OPEN, ToolPlan, call_grammar
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -42,10 +43,14 @@ def check_supported(body: SamplingFields) -> None:
         raise Unsupported(f"'{name}' is not supported by this server", param=name)
 
 
-async def compile_constraint(body: SamplingFields, engine: Engine) -> Constraint | None:
+async def compile_constraint(body: SamplingFields, engine: Engine, plan: ToolPlan | None = None) -> Constraint | None:
     """The request's output constraint, compiled on a worker thread of the event loop (never the
     engine's): a schema that cannot be compiled is a 400 naming the field, never free text."""
     specs = body.constraint_specs()
+    if plan is not None and plan.choice != "none":
+        if specs:
+            raise InvalidRequest("tool calls and an output format cannot both constrain one answer", specs[0][1])
+        return await _compile(engine, "tools", _tool_grammar(plan))
     if len(specs) > 1:
         raise InvalidRequest(f"use one of {', '.join(p for _, p, _ in specs)}, not several", specs[1][1])
     if not specs:
@@ -53,12 +58,20 @@ async def compile_constraint(body: SamplingFields, engine: Engine) -> Constraint
     kind, param, source = specs[0]
     if source is None:
         raise InvalidRequest(f"{param} needs a 'schema'", f"{param}.schema")
+    return await _compile(engine, param, lambda c: (c.gbnf if kind == "grammar" else c.json_schema)(source))
+
+
+def _tool_grammar(plan: ToolPlan) -> Callable[[ConstraintCompiler], Constraint]:
+    if plan.constrained_from_start:
+        return lambda c: c.lark(call_grammar(plan), "tools")
+    return lambda c: c.lark(call_grammar(plan, after_open=True), "tools", trigger=OPEN)  # auto: lazy
+
+
+async def _compile(engine: Engine, param: str, build: Callable[[ConstraintCompiler], Constraint]) -> Constraint:
     if engine.constraints is None:
         raise Unsupported("this engine cannot constrain its output", param=param)
-    compiler = engine.constraints
-    build = compiler.gbnf if kind == "grammar" else compiler.json_schema
     try:
-        return await asyncio.to_thread(build, source)
+        return await asyncio.to_thread(build, engine.constraints)
     except ConstraintError as exc:
         raise InvalidRequest(f"{param}: {exc}", param) from exc
 

@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from parallama.batching import RequestStream
 from parallama.server import generation as gen
+from parallama.server import tools
 from parallama.server.errors import InvalidRequest
 from parallama.server.logprobs import chat_logprobs, completion_logprobs
 from parallama.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from parallama.server.state import Served, served
-from parallama.server.streaming import ChunkWriter, chat_events, completion_events, usage_dict
+from parallama.server.streaming import ChunkWriter, chat_events, chat_tool_events, completion_events, usage_dict
 
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -24,23 +25,26 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     s = _checked(http, body)
-    text = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
+    plan = tools.plan_tools(body)
+    native = s.template.takes_tools
+    messages = tools.template_messages(body.messages, plan, native)
+    text = s.template.render(messages, [t.model_dump(exclude_none=True) for t in plan.tools] if plan and native else None)
     prompt = s.engine.tokenize(text, add_special=True, parse_special=True)
     requested = body.max_completion_tokens or body.max_tokens
     limit = gen.resolve_max_tokens(requested, len(prompt), s.ctx_size, None, prompt_param="messages")
-    params = gen.sampling_params(body, limit, s.n_vocab, await gen.compile_constraint(body, s.engine))
+    params = gen.sampling_params(body, limit, s.n_vocab, await gen.compile_constraint(body, s.engine, plan))
     n = _n(body, s)
     head = _head("chatcmpl", "chat.completion", s)
     stream = gen.submit(s.engine, prompt, params, n, s.request_timeout)
+    calls_expected = plan is not None and plan.choice != "none"
     chat_lp = None if params.logprobs is None else (lambda _, lps: chat_logprobs(lps, s.engine.token_bytes))
     if body.stream:
         writer = ChunkWriter({**head, "object": "chat.completion.chunk"}, _include_usage(body))
-        return StreamingResponse(chat_events([stream], n, writer, chat_lp), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        events = chat_tool_events([stream], n, writer) if calls_expected else chat_events([stream], n, writer, chat_lp)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     outcome = await gen.collect([stream], n, http)
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": chat_lp(i, c.logprobs) if chat_lp else None, "finish_reason": c.finish_reason}
-               for i, c in enumerate(outcome.choices)]
+    choices = [{"index": i, **_assistant_message(c.text, c.finish_reason, calls_expected),
+                "logprobs": chat_lp(i, c.logprobs) if chat_lp else None} for i, c in enumerate(outcome.choices)]
     return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
 
 
@@ -79,6 +83,15 @@ async def completions(body: CompletionRequest, http: Request):
     choices = [{"index": i, "text": echoes[i] + c.text, "logprobs": lp(i, c.logprobs) if lp else None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(outcome.choices)]
     return JSONResponse({**head, "choices": choices, "usage": usage_dict(outcome.usage)})
+
+
+def _assistant_message(text: str, finish_reason: str | None, calls_expected: bool) -> dict:
+    content, calls = tools.parse_calls(text) if calls_expected else (text, [])
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [call.as_dict() for call in calls]
+        finish_reason = "tool_calls"
+    return {"message": message, "finish_reason": finish_reason}
 
 
 def _checked(http: Request, body: SamplingFields) -> Served:

@@ -6,7 +6,7 @@ being silently ignored; fields nobody declared are dropped, never passed through
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -74,9 +74,13 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"each stop string must be at most {MAX_STOP_LENGTH} characters")
         return value
 
+    implemented: ClassVar[frozenset[str]] = frozenset()  # UNSUPPORTED fields this endpoint does implement
+
     def unsupported_field(self) -> str | None:
         """The first field set that this server does not implement, if any."""
         for name, allowed in UNSUPPORTED.items():
+            if name in self.implemented:
+                continue
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 return name
@@ -118,6 +122,46 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -129,6 +173,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -141,6 +187,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    implemented: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})
 
     @field_validator("top_logprobs")
     @classmethod

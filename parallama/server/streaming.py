@@ -9,6 +9,7 @@ from typing import Any
 from parallama.batching import RequestStream, Usage
 from parallama.sequences.backend import TokenLogprob
 from parallama.server.generation import merged
+from parallama.server.tools import CallStream
 
 # (choice index, the logprobs of an event's tokens) -> the choice's "logprobs" value; None: not asked for
 LogprobsOf = Callable[[int, list[TokenLogprob]], dict[str, Any]] | None
@@ -74,6 +75,40 @@ async def _events(streams, n, writer, make_choice, logprobs_of: LogprobsOf) -> A
             yield writer.chunk([make_choice(index, event.text, None, logprobs)])
         if event.finish_reason:
             yield writer.chunk([make_choice(index, "", event.finish_reason)])
+        if event.usage:
+            usage += event.usage
+    if writer.include_usage:
+        yield writer.chunk([], usage)
+    yield DONE
+
+
+async def chat_tool_events(streams: list[RequestStream], n: int, writer: ChunkWriter) -> AsyncIterator[str]:
+    """Chat chunks when tools are in play: text streams as content until a call opens; each call goes
+    out once complete as OpenAI's ``delta.tool_calls`` (id, type and name first, then its arguments)."""
+    for index in range(len(streams) * n):
+        yield writer.chunk([_chat_choice(index, "", None) | {"delta": {"role": "assistant", "content": ""}}])
+    parsers: dict[int, CallStream] = {}
+    usage = Usage(0, 0)
+    async for index, event in merged(streams, n):
+        if event.error:
+            yield error_event("the engine failed while generating this request")
+            yield DONE
+            return
+        parser = parsers.setdefault(index, CallStream())
+        text, calls = parser.feed(event.text)
+        if event.finish_reason:
+            text += parser.finish()
+        if text:
+            yield writer.chunk([_chat_choice(index, text, None)])
+        for call in calls:
+            k = len(parser.calls) - len(calls) + calls.index(call)
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            yield writer.chunk([{**_chat_choice(index, "", None), "delta": {"tool_calls": [head]}}])
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            yield writer.chunk([{**_chat_choice(index, "", None), "delta": {"tool_calls": [args]}}])
+        if event.finish_reason:
+            reason = "tool_calls" if parser.calls else event.finish_reason
+            yield writer.chunk([_chat_choice(index, "", reason)])
         if event.usage:
             usage += event.usage
     if writer.include_usage:
