@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from parallama.batching import RequestStream, Usage
+from parallama.batching import Event, RequestStream, Usage
 from parallama.sequences.backend import TokenLogprob
 from parallama.server.generation import merged
 from parallama.server.tools import CallStream
@@ -46,11 +46,18 @@ class ChunkWriter:
 
 async def chat_events(streams: list[RequestStream], n: int, writer: ChunkWriter,
                       logprobs_of: LogprobsOf = None) -> AsyncIterator[str]:
-    for index in range(len(streams) * n):
-        writer_choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
-        yield writer.chunk([writer_choice])
-    async for text in _events(streams, n, writer, _chat_choice, logprobs_of):
+    for chunk in _role_chunks(len(streams) * n, writer):
+        yield chunk
+    async for text in _events(streams, n, writer, _TextChunks(writer, _chat_choice, logprobs_of)):
+        yield text
+
+
+async def chat_tool_events(streams: list[RequestStream], n: int, writer: ChunkWriter) -> AsyncIterator[str]:
+    """Chat chunks when tools are in play: text streams as content until a call opens; each call goes
+    out once complete as OpenAI's ``delta.tool_calls`` (id, type and name first, then its arguments)."""
+    for chunk in _role_chunks(len(streams) * n, writer):
+        yield chunk
+    async for text in _events(streams, n, writer, _ToolChunks(writer)):
         yield text
 
 
@@ -59,22 +66,26 @@ async def completion_events(streams: list[RequestStream], n: int, writer: ChunkW
     for index, echo in enumerate(echoes):
         if echo:
             yield writer.chunk([_completion_choice(index, echo, None)])
-    async for text in _events(streams, n, writer, _completion_choice, logprobs_of):
+    async for text in _events(streams, n, writer, _TextChunks(writer, _completion_choice, logprobs_of)):
         yield text
 
 
-async def _events(streams, n, writer, make_choice, logprobs_of: LogprobsOf) -> AsyncIterator[str]:
+def _role_chunks(choices: int, writer: ChunkWriter) -> list[str]:
+    return [writer.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}]) for index in range(choices)]
+
+
+async def _events(streams, n, writer: ChunkWriter, chunks_of: Callable[[int, Event], list[str]]) -> AsyncIterator[str]:
+    """Every event's chunks, then the usage chunk if asked for, then [DONE]; an engine error ends the
+    stream the OpenAI way (an error event, then [DONE])."""
     usage = Usage(0, 0)
     async for index, event in merged(streams, n):
         if event.error:
             yield error_event("the engine failed while generating this request")
             yield DONE
             return
-        logprobs = logprobs_of(index, event.logprobs) if logprobs_of and event.logprobs else None
-        if event.text or logprobs:
-            yield writer.chunk([make_choice(index, event.text, None, logprobs)])
-        if event.finish_reason:
-            yield writer.chunk([make_choice(index, "", event.finish_reason)])
+        for chunk in chunks_of(index, event):
+            yield chunk
         if event.usage:
             usage += event.usage
     if writer.include_usage:
@@ -82,38 +93,47 @@ async def _events(streams, n, writer, make_choice, logprobs_of: LogprobsOf) -> A
     yield DONE
 
 
-async def chat_tool_events(streams: list[RequestStream], n: int, writer: ChunkWriter) -> AsyncIterator[str]:
-    """Chat chunks when tools are in play: text streams as content until a call opens; each call goes
-    out once complete as OpenAI's ``delta.tool_calls`` (id, type and name first, then its arguments)."""
-    for index in range(len(streams) * n):
-        yield writer.chunk([_chat_choice(index, "", None) | {"delta": {"role": "assistant", "content": ""}}])
-    parsers: dict[int, CallStream] = {}
-    usage = Usage(0, 0)
-    async for index, event in merged(streams, n):
-        if event.error:
-            yield error_event("the engine failed while generating this request")
-            yield DONE
-            return
-        parser = parsers.setdefault(index, CallStream())
+class _TextChunks:
+    """An event's text (with its logprobs when asked for), then its finish_reason."""
+
+    def __init__(self, writer: ChunkWriter, make_choice, logprobs_of: LogprobsOf) -> None:
+        self.writer, self.make_choice, self.logprobs_of = writer, make_choice, logprobs_of
+
+    def __call__(self, index: int, event: Event) -> list[str]:
+        out = []
+        logprobs = self.logprobs_of(index, event.logprobs) if self.logprobs_of and event.logprobs else None
+        if event.text or logprobs:
+            out.append(self.writer.chunk([self.make_choice(index, event.text, None, logprobs)]))
+        if event.finish_reason:
+            out.append(self.writer.chunk([self.make_choice(index, "", event.finish_reason)]))
+        return out
+
+
+class _ToolChunks:
+    """Content until a call opens; each complete call as two ``delta.tool_calls`` chunks; finish_reason
+    "tool_calls" when the choice made any."""
+
+    def __init__(self, writer: ChunkWriter) -> None:
+        self.writer = writer
+        self.parsers: dict[int, CallStream] = {}
+
+    def __call__(self, index: int, event: Event) -> list[str]:
+        parser = self.parsers.setdefault(index, CallStream())
         text, calls = parser.feed(event.text)
         if event.finish_reason:
             text += parser.finish()
-        if text:
-            yield writer.chunk([_chat_choice(index, text, None)])
-        for call in calls:
-            k = len(parser.calls) - len(calls) + calls.index(call)
+        out = [self.writer.chunk([_chat_choice(index, text, None)])] if text else []
+        first = len(parser.calls) - len(calls)
+        for k, call in enumerate(calls, start=first):
             head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-            yield writer.chunk([{**_chat_choice(index, "", None), "delta": {"tool_calls": [head]}}])
-            args = {"index": k, "function": {"arguments": call.arguments}}
-            yield writer.chunk([{**_chat_choice(index, "", None), "delta": {"tool_calls": [args]}}])
+            out.append(self._delta(index, {"tool_calls": [head]}))
+            out.append(self._delta(index, {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]}))
         if event.finish_reason:
-            reason = "tool_calls" if parser.calls else event.finish_reason
-            yield writer.chunk([_chat_choice(index, "", reason)])
-        if event.usage:
-            usage += event.usage
-    if writer.include_usage:
-        yield writer.chunk([], usage)
-    yield DONE
+            out.append(self.writer.chunk([_chat_choice(index, "", "tool_calls" if parser.calls else event.finish_reason)]))
+        return out
+
+    def _delta(self, index: int, delta: dict) -> str:
+        return self.writer.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
 
 def _chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
