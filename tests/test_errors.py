@@ -58,8 +58,8 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
         ({"logit_bias": {"42": 500}}, "logit_bias.42"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"top_logprobs": 5}, "top_logprobs"),
-        ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"logprobs": 7}, "logprobs"),  # chat's logprobs is a boolean
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
     ],
 )
 def test_chat_field_bounds(http, change, param):
