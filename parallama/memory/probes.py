@@ -73,6 +73,13 @@ class MemoryReading:
         return sum(gpu.total for gpu in self.gpus)
 
 
+def auto_reserve(reading: MemoryReading) -> int:
+    """``--memory-reserve auto``: the smaller of 1 GiB and a tenth of the memory this process could ever
+    have (RAM, or the container's limit when lower). A workstation keeps 1 GiB back; a 1 GiB container
+    keeps about 100 MiB, and so still has room for a small model."""
+    return min(GiB, reading.host_limit // 10)
+
+
 class MemoryProbe(Protocol):
     def read(self) -> MemoryReading: ...
 
@@ -120,8 +127,9 @@ def _is_v2(root: Path) -> bool:
     return any((root / name).exists() for name in ("cgroup.controllers", "memory.max", "memory.current"))
 
 
-def _own_group(proc_cgroup: Path | None, v2: bool) -> str:
-    """This process's group path from /proc/self/cgroup ("0::/path" on v2, "N:memory:/path" on v1)."""
+def _own_group(proc_cgroup: Path | None, v2: bool, controller: str = "memory") -> str:
+    """This process's group path from /proc/self/cgroup ("0::/path" on v2, "N:memory:/path" on v1, or
+    the line of another v1 ``controller``)."""
     if proc_cgroup is None:
         return "/"
     try:
@@ -130,7 +138,7 @@ def _own_group(proc_cgroup: Path | None, v2: bool) -> str:
         return "/"
     for line in lines:
         _, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if (v2 and controllers == "") or (not v2 and "memory" in controllers.split(",")):
+        if (v2 and controllers == "") or (not v2 and controller in controllers.split(",")):
             return path or "/"
     return "/"
 

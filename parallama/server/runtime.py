@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-import psutil
-
 from parallama.batching import Engine, EngineConfig
+from parallama.memory import cpus
 from parallama.memory.degradation import DegradationConfig, DegradationController
-from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe
+from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe, auto_reserve
 from parallama.memory.sizing import SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
 from parallama.sequences.llama_backend import LlamaBackend
@@ -23,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    """Physical cores this process may run on (its CPU affinity), at most the container's CPU quota."""
+    return cpus.default_threads()
 
 
 def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: MemoryReading) -> SizingPlan:
@@ -40,7 +40,7 @@ def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: Memo
         parallel=settings.parallel,
         kv_size=settings.kv_size,
         max_parallel=settings.max_parallel,
-        reserve_bytes=settings.reserve_bytes,
+        reserve_bytes=auto_reserve(reading) if settings.reserve_bytes is None else settings.reserve_bytes,
         n_batch=settings.batch_size,
         cache_types=cache_types,
         prefix_cache=settings.prefix_cache,

@@ -34,14 +34,14 @@ class Settings(BaseSettings):
     max_parallel: int = Field(16, ge=1, le=256, description="upper bound for --parallel auto")
     ctx_size: int = Field(2048, ge=64, description="context of ONE sequence: prompt + answer tokens")
     kv_size: int | None = Field(None, description="cells in the shared KV cache (default: auto, at most parallel x ctx-size)")
-    memory_reserve: str = Field("1GiB", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB")
+    memory_reserve: str = Field("auto", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB; auto: the smaller of 1GiB and a tenth of total RAM (of the container's memory limit when lower)")
     memory_check_interval: float = Field(0.5, gt=0, description="seconds between memory readings while serving")
     recover_after: float = Field(3.0, ge=0, description="seconds of steady headroom before each step back up")
     prefix_cache: bool = Field(True, description="keep finished requests' KV to reuse their prefixes (resent conversations, shared system prompts)")
     cache_ram: str = Field("auto", description="host RAM for the prefix cache's second tier (evicted entries are saved there), e.g. 2GiB; 0 turns it off; auto: the smaller of 1GiB and a tenth of free RAM")
     batch_size: int = Field(512, ge=16, description="most tokens one llama_decode carries (n_batch)")
     ubatch_size: int = Field(512, ge=16, description="physical micro-batch (n_ubatch)")
-    threads: int | None = Field(None, ge=1, description="CPU threads (default: physical cores)")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: the physical cores this process may run on, at most the container's CPU quota)")
     cache_type_k: CacheType = Field("f16", description="K cache type")
     cache_type_v: CacheType = Field("f16", description="V cache type (quantized types need flash attention)")
     # serving
@@ -65,12 +65,14 @@ class Settings(BaseSettings):
     @field_validator("memory_reserve")
     @classmethod
     def _size(cls, value: str) -> str:
-        parse_size(value)  # raises ValueError with the accepted forms
+        if value.strip().lower() != "auto":
+            parse_size(value)  # raises ValueError with the accepted forms
         return value
 
     @property
-    def reserve_bytes(self) -> int:
-        return parse_size(self.memory_reserve)
+    def reserve_bytes(self) -> int | None:
+        """None: auto, sized at start-up from the memory the machine or container has."""
+        return None if self.memory_reserve.strip().lower() == "auto" else parse_size(self.memory_reserve)
 
     @field_validator("cache_ram")
     @classmethod
