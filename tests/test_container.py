@@ -13,7 +13,6 @@ import pytest
 
 from parallama.memory.cpus import CpuReading, default_threads, physical_cores, read_cpu_quota, read_cpus
 from parallama.memory.probes import GiB, MiB, MemoryReading, auto_reserve
-from parallama.server import serve
 from parallama.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,9 +205,12 @@ def image_env(text: str) -> dict[str, str]:
     return {k: v.strip('"') for k, v in env.items()}
 
 
+CLOSE_MARGIN_S = 1.0  # after the drain: uvicorn closes connections and the process exits
+
+
 def test_the_image_drains_within_dockers_default_10_s_stop_grace():
     timeout = float(image_env(dockerfile())["PARALLAMA_SHUTDOWN_TIMEOUT"])
-    assert timeout + serve.FLUSH_SECONDS < 10  # `docker stop` sends SIGKILL after 10 s by default
+    assert timeout + CLOSE_MARGIN_S < 10  # `docker stop` sends SIGKILL after 10 s by default
 
 
 def test_compose_stop_grace_covers_its_drain():
@@ -216,7 +218,7 @@ def test_compose_stop_grace_covers_its_drain():
     grace = float(re.search(r"stop_grace_period:\s*(\d+)s", compose).group(1))
     drain = re.search(r"PARALLAMA_SHUTDOWN_TIMEOUT:\s*\"?(\d+)", compose)
     timeout = float(drain.group(1)) if drain else float(image_env(dockerfile())["PARALLAMA_SHUTDOWN_TIMEOUT"])
-    assert timeout + serve.FLUSH_SECONDS < grace
+    assert timeout + CLOSE_MARGIN_S < grace
     # old podman-compose passes "${VAR:-}" through literally: the API key would be that string
     assert ":-" not in compose
 
