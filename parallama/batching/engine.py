@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 _request_ids = itertools.count(1)
 
 
+IDLE_WAKE_S = 0.5  # the idle worker looks for commands at least this often
+
+
 class QueueFull(Exception):
     """The request queue is at its bound; the caller should retry later."""
 
@@ -182,7 +185,8 @@ class Engine:
         self._wake.set()
 
     def _run(self) -> None:
-        idle_wait = self.controller.config.probe_interval if self.controller else None
+        # Bounded even without a controller: a wake-up that is ever lost costs at most this long, never a hang.
+        idle_wait = self.controller.config.probe_interval if self.controller else IDLE_WAKE_S
         try:
             while True:
                 self._wake.clear()
