@@ -144,10 +144,10 @@ def test_models_and_model_lookup(http, server):
 
 
 def test_unsupported_field_is_a_clear_400(http):
-    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-    response = http.post("/v1/chat/completions", json={"messages": HELLO, "tools": [tool]})
+    function = {"name": "f", "parameters": {}}  # the legacy field; tools are implemented
+    response = http.post("/v1/chat/completions", json={"messages": HELLO, "functions": [function]})
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "tools"
+    assert response.json()["error"]["param"] == "functions"
 
 
 def test_health_and_status_contract(http, server):

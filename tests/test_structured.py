@@ -155,7 +155,10 @@ def test_logprobs_and_top_logprobs_in_openai_shape(server):
         temperature=0, logprobs=True, top_logprobs=3, stream=True)
     pieces = [lp for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
               for lp in chunk.choices[0].logprobs.content]
-    assert [(p.token, p.logprob) for p in pieces] == [(t.token, t.logprob) for t in tokens]
+    # The streamed request reuses the first one's prompt from the prefix cache, and llama.cpp's CPU kernels
+    # are not batch-invariant: the same tokens, logprobs equal up to that numeric noise.
+    assert [p.token for p in pieces] == [t.token for t in tokens]
+    assert all(abs(p.logprob - t.logprob) < 0.25 for p, t in zip(pieces, tokens))
 
 
 def test_completions_logprobs_shape(server):
