@@ -124,29 +124,52 @@ def test_none_is_plain_text(server):
     assert out["choices"][0]["finish_reason"] in ("stop", "length") and "tool_calls" not in out["choices"][0]["message"]
 
 
-@pytest.mark.model
-def test_openai_client_streamed_tool_calls_reassemble_to_the_non_streamed_call(server):
-    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none")
-    args = dict(model="smol", messages=[{"role": "user", "content": ASKS[1]}], tools=TOOLS, tool_choice="required",
-                max_tokens=400, temperature=0)
-    # Warm the prefix cache first, so both measured requests compute the same suffix the same way (llama.cpp's
-    # CPU kernels are not batch-invariant: a cold prompt prefilled whole can tip a greedy choice).
-    client.chat.completions.create(**args)
-    whole = client.chat.completions.create(**args)
-    calls = whole.choices[0].message.tool_calls
-    assert whole.choices[0].finish_reason == "tool_calls" and calls
+def _reassemble(chunks) -> tuple[list[dict], str | None]:
+    """What an OpenAI client does with streamed tool_calls deltas: concatenate them per index."""
     assembled: dict[int, dict] = {}
     finish = None
-    for chunk in client.chat.completions.create(**args, stream=True):
-        delta = chunk.choices[0].delta if chunk.choices else None
-        for tc in (delta.tool_calls or []) if delta else []:
-            entry = assembled.setdefault(tc.index, {"name": "", "arguments": ""})
-            entry["name"] += tc.function.name or "" if tc.function else ""
-            entry["arguments"] += tc.function.arguments or "" if tc.function else ""
-        finish = chunk.choices[0].finish_reason if chunk.choices and chunk.choices[0].finish_reason else finish
+    for chunk in chunks:
+        choice = chunk.choices[0] if chunk.choices else None
+        for tc in (choice.delta.tool_calls or []) if choice else []:
+            entry = assembled.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            entry["name"] += (tc.function.name or "") if tc.function else ""
+            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = choice.finish_reason if choice and choice.finish_reason else finish
+    assert sorted(assembled) == list(range(len(assembled)))  # indices 0..n-1, none skipped
+    return [assembled[i] for i in sorted(assembled)], finish
+
+
+@pytest.mark.model
+def test_openai_client_streamed_parallel_tool_calls_reassemble_into_valid_calls(server):
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none")
+    stream = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": ASKS[1]}],
+                                            tools=TOOLS, tool_choice="required", max_tokens=400, temperature=0,
+                                            stream=True)
+    calls, finish = _reassemble(stream)
+    assert finish == "tool_calls" and calls
+    assert len({c["id"] for c in calls}) == len(calls) and all(c["id"] for c in calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+@pytest.mark.model
+def test_openai_client_streamed_tool_call_equals_the_non_streamed_call(server):
+    # The schema leaves one possible call, so the two answers must be byte-equal whatever the kernels' numeric
+    # noise (llama.cpp's CPU kernels are not batch-invariant; a free greedy choice may tip between two runs).
+    pinned = {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"who": {"const": "Ana"}, "day": {"const": 3}, "month": {"const": "May"}},
+        "required": ["who", "day", "month"], "additionalProperties": False}}}
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none")
+    args = dict(model="smol", messages=[{"role": "user", "content": ASKS[1]}], tools=[pinned],
+                tool_choice={"type": "function", "function": {"name": "book"}}, parallel_tool_calls=False,
+                max_tokens=100, temperature=0)
+    whole = client.chat.completions.create(**args)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    calls, finish = _reassemble(client.chat.completions.create(**args, stream=True))
     assert finish == "tool_calls"
-    assert [(e["name"], json.loads(e["arguments"])) for _, e in sorted(assembled.items())] == \
-        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == \
+        [("book", {"who": "Ana", "day": 3, "month": "May"})]
 
 
 @pytest.mark.model
