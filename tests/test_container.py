@@ -13,6 +13,7 @@ import pytest
 
 from parallama.memory.cpus import CpuReading, default_threads, physical_cores, read_cpu_quota, read_cpus
 from parallama.memory.probes import GiB, MiB, MemoryReading, auto_reserve
+from parallama.server import serve
 from parallama.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +206,7 @@ def image_env(text: str) -> dict[str, str]:
     return {k: v.strip('"') for k, v in env.items()}
 
 
-CLOSE_MARGIN_S = 1.0  # after the drain: uvicorn closes connections and the process exits
+CLOSE_MARGIN_S = serve.FLUSH_SECONDS  # after the drain: what is left ends with an error, then the exit
 
 
 def test_the_image_drains_within_dockers_default_10_s_stop_grace():

@@ -742,7 +742,7 @@ def test_a_failing_add_ends_that_stream_with_an_error_and_others_run(make_engine
         bad = engine.submit([letter_token("z")], SamplingParams(max_tokens=3))
         good = engine.submit([letter_token("a")], SamplingParams(max_tokens=3))
         events = [event async for event in bad]
-        assert len(events) == 1 and events[0].error == "add broke" and events[0].usage is not None
+        assert len(events) == 1 and events[0].error == "the engine could not queue this request" and events[0].usage is not None
         assert (await asyncio.wait_for(collect(good), 30))[0] == "bcd"
         assert engine.num_queued == 0  # the failed request does not linger in the queue count
 

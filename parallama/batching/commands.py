@@ -64,7 +64,16 @@ class Snapshot:
     reply: Reply
 
 
-Command = Add | Abort | Snapshot
+@dataclass(frozen=True, slots=True)
+class FailAll:
+    """End every request, queued or running, with an error (e.g. a shutdown deadline). Each stream
+    gets its last event with ``error`` set to ``message``; ``reply``, if given, gets how many ended."""
+
+    message: str
+    reply: Reply | None = None
+
+
+Command = Add | Abort | Snapshot | FailAll
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

@@ -17,9 +17,9 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from parallama.batching.commands import Abort, Add, Command, Reply, Sink, Snapshot
+from parallama.batching.commands import Abort, Add, Command, FailAll, Reply, Sink, Snapshot
 from parallama.batching.events import Event, Usage
-from parallama.batching.scheduler import Delivery, Scheduler, SchedulerConfig
+from parallama.batching.scheduler import GENERATION_FAILED, Delivery, Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.batching.stats import EngineStats
 from parallama.memory.degradation import DegradationController, Release
@@ -144,6 +144,12 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._send(Abort(request_id))
 
+    def fail_all(self, message: str, reply: Reply | None = None) -> None:
+        """End every request, queued or running, with an error event carrying ``message``. Safe from
+        any thread (a shutdown deadline calls it from outside the event loop); ``reply``, if given,
+        gets the number of requests it ended."""
+        self._send(FailAll(message, reply))
+
     async def status(self) -> EngineStats:
         """The engine's statistics, built on the worker between two steps."""
         if not self._thread.is_alive():
@@ -214,7 +220,7 @@ class Engine:
             result = self.scheduler.run()
         except Exception:
             log.exception("scheduler step failed; failing the running requests")
-            self._deliver(self.scheduler.fail_running("internal error"))
+            self._deliver(self.scheduler.fail_running(GENERATION_FAILED))
             return
         if result.kv_full_running and self.controller is not None:
             self.controller.on_kv_full(result.kv_full_running, time.monotonic())
@@ -270,7 +276,7 @@ class Engine:
                 except Exception as exc:
                     log.exception("could not queue %s", request.request_id)
                     self._failed_adds += 1
-                    self._deliver([(request.request_id, _error_event(request, str(exc)))])
+                    self._deliver([(request.request_id, _error_event(request, "the engine could not queue this request"))])
             case Abort(request_id):
                 try:
                     self._deliver(self.scheduler.abort(request_id))
@@ -282,6 +288,24 @@ class Engine:
                 except Exception as exc:
                     log.exception("could not build the statistics")
                     reply.fail(exc)
+            case FailAll(message, reply):
+                try:
+                    ended = self._fail_all(message)
+                except Exception as exc:
+                    log.exception("could not end the requests in flight")
+                    if reply is not None:
+                        reply.fail(exc)
+                else:
+                    if reply is not None:
+                        reply.answer(ended)
+
+    def _fail_all(self, message: str) -> int:
+        ended = len(self.scheduler.requests)
+        if ended:
+            log.warning("ending %d request%s in flight with an error: %s", ended, "" if ended == 1 else "s", message)
+        self._deliver(self.scheduler.fail_all(message))
+        self._publish()  # is_idle is true as soon as this returns
+        return ended
 
     def _refuse_pending(self) -> None:
         """The worker is gone: answer what still waits for it."""
@@ -289,6 +313,8 @@ class Engine:
             command = self._commands.popleft()
             if isinstance(command, Snapshot):
                 command.reply.fail(EngineStopped("the engine stopped"))
+            elif isinstance(command, FailAll) and command.reply is not None:
+                command.reply.answer(0)  # nothing is left in flight once the worker is gone
             elif isinstance(command, Add):
                 self._sinks[command.request.request_id] = command.sink
                 self._deliver([(command.request.request_id, _error_event(command.request, "the engine stopped"))])

@@ -27,6 +27,8 @@ from parallama.sequences import Backend, BatchItem, BatchPlan, DecodeOutcome
 from parallama.sequences.backend import BackendError
 
 log = logging.getLogger(__name__)
+# What a client reads when a step fails (Request.error reaches the client): the details go to the log.
+GENERATION_FAILED = "the engine failed while generating this request"
 
 Delivery = tuple[str, Event]  # (request id, event): where it goes is the engine's business
 
@@ -148,7 +150,7 @@ class Scheduler:
             outcome = self.backend.decode(plan)
         except BackendError as exc:
             log.error("decode failed: %s", exc)
-            self._fail({s.request for s in seqs}, str(exc))
+            self._fail({s.request for s in seqs}, GENERATION_FAILED)
             return
         if outcome is DecodeOutcome.NO_KV_SLOT:
             self._on_kv_full(plan)
@@ -413,6 +415,11 @@ class Scheduler:
 
     def fail_running(self, message: str) -> list[Delivery]:
         self._fail({s.request for s in self.running}, message)
+        return self._take_out().events
+
+    def fail_all(self, message: str) -> list[Delivery]:
+        """End every request, queued or running, with an error (a shutdown deadline)."""
+        self._fail(set(self.requests.values()), message)
         return self._take_out().events
 
     def _unqueue(self, request: Request) -> None:

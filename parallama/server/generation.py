@@ -189,7 +189,7 @@ async def merged(streams: list[RequestStream], n: int) -> AsyncIterator[tuple[in
 
 def _raise_engine_error(event: Event) -> None:
     if event.error:
-        raise APIError("the engine failed while generating this request")
+        raise APIError(event.error)
 
 
 @contextlib.asynccontextmanager

@@ -2,6 +2,12 @@
 
 First SIGTERM or Ctrl-C: new requests get 503, requests in flight get up to ``--shutdown-timeout``
 seconds to finish, then the server exits with code 0. A second signal exits at once.
+
+When the deadline comes with requests still running, the engine ends each of them with an error, the
+OpenAI way (a stream gets an error event and ``data: [DONE]``; a non-streaming request a 500 with an
+error body), and uvicorn gets a moment to send those last bytes before it closes the connections.
+Without that, uvicorn would cancel the handlers mid-stream: a traceback in the log and, for the
+client, a stream that stops with no finish_reason and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -14,10 +20,19 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from parallama.batching import Engine
 from parallama.server.guard import is_loopback
 from parallama.server.settings import Settings
 
 log = logging.getLogger("parallama")
+
+# After the deadline, once the engine has ended what was in flight: how long uvicorn gets to send those
+# last chunks (already queued on the event loop) before it cancels. Docker's stop grace must cover the
+# drain plus this (plus one decode step, which the engine finishes before it takes the command).
+FLUSH_SECONDS = 1.5
+# The engine takes the command between two decode steps, however long a step takes on a loaded machine;
+# only a stuck worker (a bug) would take this long, and a second signal still exits at once.
+ENGINE_ANSWER_LIMIT = 30.0
 
 
 class GracefulServer(uvicorn.Server):
@@ -41,10 +56,24 @@ class GracefulServer(uvicorn.Server):
     def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
         served = getattr(self.app.state, "served", None)
-        while served is not None and not served.engine.is_idle and time.monotonic() < deadline:
-            time.sleep(0.05)
+        engine = served.engine if served is not None else None
+        if not _wait_idle(engine, deadline):
+            engine.fail_all(f"the server shut down before this request finished "
+                            f"(--shutdown-timeout {self.shutdown_timeout:g} s)")
+            _wait_idle(engine, time.monotonic() + ENGINE_ANSWER_LIMIT)
+            deadline = time.monotonic() + FLUSH_SECONDS
+        # uvicorn waits this long for the responses being written before it cancels them.
         self.config.timeout_graceful_shutdown = max(0.5, deadline - time.monotonic())
         self.should_exit = True
+
+
+def _wait_idle(engine: Engine | None, deadline: float) -> bool:
+    """True once no request is queued or running (at once without an engine); False at the deadline."""
+    while engine is not None and not engine.is_idle:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -81,7 +81,7 @@ async def _events(streams, n, writer: ChunkWriter, chunks_of: Callable[[int, Eve
     usage = Usage(0, 0)
     async for index, event in merged(streams, n):
         if event.error:
-            yield error_event("the engine failed while generating this request")
+            yield error_event(event.error)
             yield DONE
             return
         for chunk in chunks_of(index, event):
