@@ -191,6 +191,21 @@ class OtherLoad:
         self.cores = rnd(max(busy - ours, 0.0) / wall, 2) if wall > 0 else None
 
 
+def wait_for_idle(max_cores: float, quiet_s: float, limit_s: float = 1800.0) -> bool:
+    """Block until the rest of the machine kept fewer than max_cores busy for quiet_s seconds in a row;
+    False if that did not happen within limit_s."""
+    started = quiet_since = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        with OtherLoad() as load:
+            time.sleep(5.0)
+        now = time.monotonic()
+        if load.cores is None or load.cores > max_cores:
+            quiet_since = now
+        elif now - quiet_since >= quiet_s:
+            return True
+    return False
+
+
 def _machine_busy_s() -> float:
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
