@@ -20,7 +20,8 @@ from parallama.batching.scheduler import Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.sequences import SamplingParams
 from parallama.sequences.backend import BackendError, DecodeOutcome
-from parallama.sequences.fake_backend import EOS, FakeBackend, letter_token
+from parallama.sequences.fake_backend import (EOS, FIRST_TEXT_TOKEN, FakeBackend, FakeConstraint, letter_token,
+                                            next_allowed)
 
 _ids = itertools.count(1)
 
@@ -761,3 +762,71 @@ def test_status_of_a_stopped_engine_raises_instead_of_hanging():
             await asyncio.wait_for(engine.status(), 30)
 
     asyncio.run(main())
+
+
+# --- constrained sequences (a FakeConstraint stands in for a compiled grammar) ---------------------------
+def constrained_request(prompt: str, grammar: FakeConstraint | None, max_tokens: int = 12, n: int = 1,
+                        request_id: str | None = None) -> Request:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, constraint=grammar)
+    return Request(request_id or f"c{next(_ids)}", [letter_token(c) for c in prompt], params, n)
+
+
+def expected_constrained(prompt: str, grammar: FakeConstraint) -> str:
+    """The greedy output under the grammar, worked out without the scheduler."""
+    state, last, out = grammar.matcher(), letter_token(prompt[-1]), ""
+    while True:
+        token = next_allowed(FIRST_TEXT_TOKEN + (last - FIRST_TEXT_TOKEN + 1) % 26, state.allowed())
+        state.accept(token)
+        if token == EOS:
+            return out
+        out, last = out + chr(ord("a") + token - FIRST_TEXT_TOKEN), token
+
+
+GRAMMARS = [FakeConstraint("aeiou", 5), FakeConstraint("xyz", 3), FakeConstraint("q", 1), FakeConstraint("mb", 4)]
+
+
+def test_a_step_mixing_constrained_and_free_sequences_finishes_each_by_its_own_rule():
+    d = Driver(FakeBackend(n_seq_max=8, n_batch=64))
+    prompts = ["hello", "dog", "cat", "zebra", "abc", "king", "moon", "sun"]
+    grammars = [GRAMMARS[0], None, GRAMMARS[1], None, GRAMMARS[2], None, GRAMMARS[3], None]
+    requests = [constrained_request(p, g) for p, g in zip(prompts, grammars)]
+    d.add(*requests)
+    d.run()
+    assert any(len(plan.items) == 8 for plan in d.backend.plans)  # all eight decoded in the same steps
+    for prompt, grammar, request in zip(prompts, grammars, requests):
+        if grammar is None:
+            assert (d.text(request), d.reasons(request)) == (expected_letters(prompt, 12), ["length"])
+        else:
+            text = d.text(request)
+            assert text == expected_constrained(prompt, grammar) and d.reasons(request) == ["stop"]
+            assert len(text) == grammar.length and set(text) <= set(grammar.letters)
+    assert expected_constrained("hello", GRAMMARS[0]) == "uaeio"  # the mask really changed greedy choices
+
+
+def test_a_preempted_constrained_sequence_resumes_where_its_grammar_was():
+    grammar = FakeConstraint("aeiou", 10)
+    workload = [("abcd", None), ("mnop", None), ("wxyz", grammar)]  # the newest, preempted first, is constrained
+
+    def run(backend: FakeBackend) -> tuple[Driver, list[Request]]:
+        d = Driver(backend)
+        requests = [constrained_request(p, g, max_tokens=12, request_id=f"k{i}") for i, (p, g) in enumerate(workload)]
+        d.add(*requests)
+        d.run()
+        return d, requests
+
+    calm, calm_requests = run(FakeBackend(n_ctx=1000, n_seq_max=3))
+    squeezed, requests = run(FakeBackend(n_ctx=36, n_seq_max=3))
+    assert "k2" in squeezed.preempted
+    assert outcome(squeezed, requests) == outcome(calm, calm_requests)
+    assert squeezed.text(requests[2]) == expected_constrained("wxyz", grammar)
+
+
+def test_each_choice_of_a_constrained_request_has_its_own_grammar_state():
+    d = Driver(FakeBackend(n_seq_max=4))
+    grammar = FakeConstraint("xyz", 3)
+    request = constrained_request("abc", grammar, n=3)
+    d.add(request)
+    d.run()
+    expected = expected_constrained("abc", grammar)
+    assert [d.text(request, i) for i in range(3)] == [expected] * 3  # a shared matcher would run out early
+    assert d.reasons(request) == ["stop"] * 3

@@ -4,6 +4,8 @@ Tokens are deterministic: each sampled token is the previous token of that seque
 test can predict every output. KV cells are tracked as llama.cpp does (a cell copied with
 ``seq_copy`` is shared until every sequence holding it lets go), and ``decode`` answers
 ``NO_KV_SLOT`` when the cells run out, or on the decode calls a test lists in ``fail_decodes``.
+A ``FakeConstraint`` in the sampling params stands in for a compiled grammar: the sampler keeps its
+choice when the grammar allows it and otherwise takes the next allowed letter, as a mask would.
 """
 
 from __future__ import annotations
@@ -23,20 +25,70 @@ def letter_token(char: str) -> int:
     return FIRST_TEXT_TOKEN + (ord(char) - ord("a")) % 26
 
 
+@dataclass(frozen=True)
+class FakeConstraint:
+    """A grammar over the fake vocabulary: exactly ``length`` letters, each one of ``letters``, then EOS."""
+
+    letters: str
+    length: int
+
+    def matcher(self) -> FakeConstraintState:
+        return FakeConstraintState(self)
+
+
+@dataclass
+class FakeConstraintState:
+    """One sequence's position in its FakeConstraint, like an llguidance matcher's."""
+
+    grammar: FakeConstraint
+    written: int = 0
+
+    def allowed(self) -> list[int]:
+        if self.written >= self.grammar.length:
+            return [EOS]
+        return sorted({letter_token(c) for c in self.grammar.letters})
+
+    def accept(self, token: int) -> None:
+        if token not in self.allowed():
+            raise AssertionError(f"token {token} breaks the grammar at position {self.written}")
+        self.written += 1
+
+
+def next_allowed(preferred: int, allowed: list[int]) -> int:
+    """What masking does to a greedy choice: keep it if allowed, else the next allowed letter after it."""
+    if preferred in allowed:
+        return preferred
+    letters = [t for t in allowed if t >= FIRST_TEXT_TOKEN]
+    if not letters:
+        return allowed[0]
+    later = [t for t in letters if t > preferred]
+    return later[0] if later else letters[0]
+
+
 @dataclass
 class FakeSampler:
     backend: FakeBackend
     params: SamplingParams
     num_sampled: int = 0
     last_logprob: None = None
+    constraint: FakeConstraintState | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.constraint is not None:  # each sequence its own matcher, as with llguidance
+            self.constraint = self.params.constraint.matcher()
 
     def sample(self, logits_index: int) -> int:
         seq_id = self.backend.logits_seq[logits_index]
         self.num_sampled += 1
         if self.backend.eos_after is not None and self.num_sampled > self.backend.eos_after:
-            return EOS
-        last = self.backend.kv_tokens(seq_id)[-1]
-        return FIRST_TEXT_TOKEN + (last - FIRST_TEXT_TOKEN + 1) % 26
+            token = EOS
+        else:
+            last = self.backend.kv_tokens(seq_id)[-1]
+            token = FIRST_TEXT_TOKEN + (last - FIRST_TEXT_TOKEN + 1) % 26
+        if self.constraint is not None:
+            token = next_allowed(token, self.constraint.allowed())
+            self.constraint.accept(token)
+        return token
 
     def close(self) -> None:
         self.backend.closed_samplers += 1
@@ -51,7 +103,7 @@ class FakeBackend:
     fail_decodes: set[int] = field(default_factory=set)  # decode call numbers (1-based) that fail
     decode_calls: int = 0
     closed_samplers: int = 0
-    constraints: None = None  # no grammars here
+    constraints: None = None  # nothing compiles grammars here: tests put a FakeConstraint in the params
     plans: list[BatchPlan] = field(default_factory=list)
     logits_seq: dict[int, int] = field(default_factory=dict)
     # Cells: each seq holds a list of cell ids; a cell is free when no seq holds it.
