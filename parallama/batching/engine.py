@@ -182,12 +182,12 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.backend.token_bytes(t) for t in tokens).decode("utf-8", "replace")
 
-    # --- the worker's side ---------------------------------------------------------------------
-    def _send(self, command: Command) -> None:
-        self._commands.append(command)
     def token_bytes(self, token: int) -> bytes:
         return self.backend.token_bytes(token)
 
+    # --- the worker's side ---------------------------------------------------------------------
+    def _send(self, command: Command) -> None:
+        self._commands.append(command)
         self._wake.set()
 
     def _run(self) -> None:
