@@ -6,11 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from parallama import __version__
 from parallama.server import routes_meta, routes_openai
+from parallama.server.cors import Cors
 from parallama.server.errors import install_error_handlers
 from parallama.server.guard import Guard
 from parallama.server.settings import Settings
@@ -19,6 +23,18 @@ from parallama.server.state import Served
 log = logging.getLogger(__name__)
 
 Builder = Callable[[Settings], Served]
+
+WEB = Path(__file__).parent / "web"
+# The page loads only its own files and talks only to this server: no inline script, no remote
+# anything. A second fence behind the page's own escaping of model and user text.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def create_app(settings: Settings, build: Builder | None = None) -> FastAPI:
@@ -50,10 +66,22 @@ def create_app(settings: Settings, build: Builder | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         draining=lambda: app.state.draining,
     )
+    app.add_middleware(Cors, origins=settings.cors_origins)  # added last, so it runs first: before the key
     install_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_meta.router)
+    _serve_page(app)
     return app
+
+
+def _serve_page(app: FastAPI) -> None:
+    """GET / is the chat page; its scripts and styles are under /web/ (no key needed: see guard.py)."""
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
 
 
 async def _load(app: FastAPI, settings: Settings, build: Builder) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 from parallama.server.errors import PayloadTooLarge, error_body
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # "/" is the web page: it must load to ask for the key
+OPEN_PREFIXES = ("/web/",)  # the page's static files; every API call it makes still needs the key
 
 
 def is_loopback(host: str) -> bool:
@@ -52,7 +53,7 @@ class Guard:
         if self.check_host and _host_name(headers.get("host", "")).lower() not in self.allowed_hosts:
             return 403, error_body("Host header not allowed for a server bound to loopback; see --allowed-hosts",
                                    "invalid_request_error", None, "host_not_allowed"), {}
-        if self.api_key and path not in OPEN_PATHS and not self._authorized(headers.get("authorization", "")):
+        if self.api_key and not _is_open(path) and not self._authorized(headers.get("authorization", "")):
             return 401, error_body("Incorrect API key provided.", "invalid_request_error", None,
                                    "invalid_api_key"), {"WWW-Authenticate": "Bearer"}
         if scope["method"] == "POST":
@@ -84,6 +85,10 @@ class Guard:
             return message
 
         return limited_receive
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def _too_large(limit: int) -> dict:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 and /status")
     api_key_file: Path | None = Field(None, description="read the API key from this file")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra Host header names accepted while bound to loopback (comma-separated)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="web origins (scheme://host:port) whose pages may call this server from a browser (comma-separated; '*' allows any). The server's own page at / needs none")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("parallel", "kv_size", mode="before")
@@ -90,6 +91,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return [h.strip().lower() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        # Browsers send Origin as scheme://host[:port], lower-case, with no trailing slash.
+        items = value.split(",") if isinstance(value, str) else value
+        return [o.strip().rstrip("/").lower() for o in items if o.strip()] if isinstance(items, list) else value
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
