@@ -97,6 +97,8 @@ class Engine:
         self.num_slots = self.scheduler.num_slots  # the most sequences one request (n) may take
         self._next_probe = 0.0
         self._cap = self._wanted_cap()
+        self._start_cap, self._start_cells = self._cap, backend.n_ctx
+        self._cap_changes = 0
         self._commands: deque[Command] = deque()
         self._wake = threading.Event()
         self._sinks: dict[str, Sink] = {}  # worker-only: where each request's events go
@@ -236,6 +238,7 @@ class Engine:
             reason = self.controller.reason if self.controller is not None else ""
             log.info("sequence cap %d -> %d (%s)", self._cap, cap, reason)
             self._cap = cap
+            self._cap_changes += 1
 
     def _publish(self) -> None:
         """Counters the event loop reads (single int/bool writes: no lock needed)."""
@@ -328,6 +331,10 @@ class Engine:
             queued=self.num_queued,
             cells_total=self.backend.n_ctx,
             decode_calls=self.backend.decode_calls,
+            requests=self.scheduler.request_stats(),
+            cap_startup=self._start_cap,
+            cap_changes=self._cap_changes,
+            cells_startup=self._start_cells,
         )
 
     def _deliver(self, deliveries: list[Delivery]) -> None:

@@ -75,6 +75,7 @@ class PrefixCache:
         self.entries: dict[int, Node] = {}  # seq_id -> the node it holds up to
         self.num_cells = 0
         self.hits = self.misses = self.tokens_reused = self.evictions = 0
+        self.tokens_queried = 0  # counted by the scheduler when a sequence starts (lookups may repeat)
         self._clock = itertools.count(1)
 
     # --- lookup --------------------------------------------------------------------------------
@@ -169,11 +170,28 @@ class PrefixCache:
         self.root.children.clear()
         self.num_cells = 0
 
+    def pinned_cells(self) -> int:
+        """Cells running sequences share with the cache: their pinned nodes and every node above them
+        (none of which can be evicted while they run). A walk of the tree, for snapshots only."""
+        stack, pinned, seen, total = [self.root], [], set(), 0
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.pins > 0:
+                pinned.append(node)
+        for node in pinned:
+            while node is not None and id(node) not in seen:
+                seen.add(id(node))
+                total += len(node.tokens)
+                node = node.parent
+        return total
+
     def stats(self) -> CacheStats:
         ram = self.ram.stats() if self.ram is not None else (0, 0, 0)
         return CacheStats(entries=len(self.entries), cells=self.num_cells, hits=self.hits, misses=self.misses,
-                          tokens_reused=self.tokens_reused, evictions=self.evictions, ram_entries=ram[0],
-                          ram_bytes=ram[1], ram_budget_bytes=ram[2])
+                          pinned_cells=self.pinned_cells(), tokens_queried=self.tokens_queried,
+                          tokens_reused=self.tokens_reused,
+                          evictions=self.evictions, ram_entries=ram[0], ram_bytes=ram[1], ram_budget_bytes=ram[2])
 
     # --- the tree ------------------------------------------------------------------------------
     def _match(self, tokens: list[int], limit: int) -> tuple[Node, int]:

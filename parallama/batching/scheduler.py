@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from parallama.batching.detokenizer import IncrementalDetokenizer
 from parallama.batching.events import Event
+from parallama.batching.latency import RequestMetrics
 from parallama.batching.prefix_cache import MIN_REUSE, Hit, PrefixCache
 from parallama.batching.token_prefix import common_prefix
 from parallama.batching.ram_tier import RamTier
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
-from parallama.batching.stats import CacheStats, SchedulerStats, SlotStats
+from parallama.batching.stats import CacheStats, RequestStats, SchedulerStats, SlotStats
 from parallama.batching.stops import StopMatcher
 from parallama.memory.sizing import SeqLayout
 from parallama.sequences import Backend, BatchItem, BatchPlan, DecodeOutcome
@@ -69,6 +70,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_dequeued = 0  # requests that left the queue for the first time (admitted or ended)
         self.num_resizes = 0
+        self.metrics = RequestMetrics()  # latencies and outcomes, recorded at admission, first token and end
         self._admissions = itertools.count()
         self._out: list[Delivery] = []
         self._kv_full_running = 0
@@ -113,7 +115,14 @@ class Scheduler:
                 slots.append(SlotStats(seq_id, state, seq.num_computed, seq.request.request_id))
         return SchedulerStats(
             running=len(self.running), slots=tuple(slots), cells_used=self.kv_cells_used() - self.kv_cells_cached(),
-            steps=self.num_steps, preemptions=self.num_preemptions, resizes=self.num_resizes)
+            steps=self.num_steps, preemptions=self.num_preemptions, resizes=self.num_resizes,
+            running_requests=len({id(s.request) for s in self.running}),
+            parked=sum(len(g) for g in self.waiting if not _first_admission(g)))
+
+    def request_stats(self) -> RequestStats:
+        in_flight = sum(len(s.output) for r in self.requests.values() for s in r.sequences
+                        if s.status != SeqStatus.FINISHED)
+        return self.metrics.stats(in_flight)
 
     def cache_ram_bytes(self) -> int:
         return self.cache.ram.num_bytes if self.cache is not None and self.cache.ram is not None else 0
@@ -160,6 +169,7 @@ class Scheduler:
             if item.wants_logits:
                 if not seq.output:
                     self._keep_in_cache(seq)  # the prompt is in: later requests can share it now
+                    self.metrics.first_token(seq, time.monotonic())  # once per sequence, not per token
                 self._accept(seq, seq.sampler.sample(row))
 
     def _expire(self, now: float) -> None:
@@ -175,7 +185,9 @@ class Scheduler:
             if self._wait_for_shared_prefill(group, hit) or not self._can_admit(group, cap, hit):
                 break
             self.waiting.popleft()
-            self.num_dequeued += _first_admission(group)
+            if _first_admission(group):
+                self.num_dequeued += 1
+                self.metrics.admitted(group[0].request, time.monotonic())
             try:
                 for seq in group:
                     self._start(seq, hit if seq is group[0] else None)
@@ -241,10 +253,13 @@ class Scheduler:
         self.running.append(seq)
         if seq.parked is not None:
             self._unpark(seq)
-        elif hit is not None:
+            return
+        if self._cacheable(seq) and seq.num_computed == 0:
+            self.cache.tokens_queried += len(seq.prompt)  # the prefix cache's queries, in tokens as vLLM's
+            if hit is None:
+                self.cache.misses += 1
+        if hit is not None:
             self._take_hit(seq, hit)
-        elif self._cacheable(seq) and seq.num_computed == 0:
-            self.cache.misses += 1
 
     def _take_hit(self, seq: Sequence, hit: Hit) -> None:
         try:
@@ -319,6 +334,7 @@ class Scheduler:
     # --- results -------------------------------------------------------------------------------
     def _accept(self, seq: Sequence, token: int) -> None:
         if self.backend.is_eog(token):
+            seq.ended_by_eog = True
             self._finish(seq, FinishReason.STOP, token_ids=[token])
             return
         seq.output.append(token)
@@ -344,9 +360,12 @@ class Scheduler:
         event = seq.final_event(text, token_ids or [])
         request = seq.request
         request.num_unfinished -= 1
+        now = time.monotonic()
+        self.metrics.sequence_ended(seq, now)
         if request.num_unfinished == 0:
             event.usage, event.error = request.usage(), request.error
             self.requests.pop(request.request_id, None)
+            self.metrics.request_ended(request, now)
         self._out.append((request.request_id, event))
 
     def _release(self, seq: Sequence) -> None:

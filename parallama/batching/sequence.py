@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
@@ -53,6 +54,10 @@ class Request:
     error: str | None = None
     deadline: float | None = None  # time.monotonic() after which it ends with what it has
     cached_tokens: int = 0  # prompt tokens that came from the prefix cache instead of being computed
+    # time.monotonic() stamps for the latency metrics (batching/latency.py)
+    arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # took its first sequence
+    first_token_at: float | None = None  # its first sequence sampled its first token
 
     def usage(self) -> Usage:
         completion = sum(len(s.output) for s in self.sequences)
@@ -78,6 +83,8 @@ class Sequence:
     parked: bytes | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
     parked_tokens: int = 0
     finish_reason: FinishReason | None = None
+    first_token_at: float | None = None  # time.monotonic() of its first sample (latency metrics)
+    ended_by_eog: bool = False  # its last sample was end-of-generation, which ``output`` leaves out
 
     @property
     def prompt(self) -> list[int]:

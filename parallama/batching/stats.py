@@ -26,13 +26,46 @@ class CacheStats:
 
     entries: int = 0
     cells: int = 0  # KV cells it holds (given back first when room runs out)
+    pinned_cells: int = 0  # of those, cells running sequences share (not given back while they run)
     hits: int = 0
     misses: int = 0
+    tokens_queried: int = 0  # prompt tokens of the sequences that looked the cache up
     tokens_reused: int = 0  # prompt tokens copied from the cache instead of computed
     evictions: int = 0  # entries that gave their cells back (saved to the RAM tier when it has one)
     ram_entries: int = 0  # entries held in the host-RAM tier
     ram_bytes: int = 0
     ram_budget_bytes: int = 0  # --cache-ram
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramStats:
+    """A latency histogram: ``counts[i]`` values fell at or below ``bounds[i]`` (and above the bound
+    before it); the last count is above every bound. Per bucket, not cumulative."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStats:
+    """Requests since start: how they ended, their tokens, and how long each phase took (seconds)."""
+
+    prompt_tokens: int  # prompts of requests that reached their first token (cached tokens included)
+    generation_tokens: int  # completion tokens, as in usage; running sequences' tokens so far included
+    finished: tuple[tuple[str, int], ...]  # (finish reason "stop" | "length", requests)
+    cancelled: int  # ended because the client went away
+    failed: int  # ended with an engine error (or the shutdown deadline)
+    time_to_first_token: HistogramStats
+    inter_token_latency: HistogramStats
+    e2e_latency: HistogramStats
+    queue_time: HistogramStats
+    prefill_time: HistogramStats
+    decode_time: HistogramStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +76,8 @@ class SchedulerStats:
     steps: int
     preemptions: int
     resizes: int
+    running_requests: int = 0  # requests with a sequence running (one request may run n)
+    parked: int = 0  # preempted sequences waiting to resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +89,7 @@ class EngineStats:
     queued: int  # requests that have not yet taken a sequence
     cells_total: int
     decode_calls: int
+    requests: RequestStats | None = None
+    cap_startup: int = 0  # the cap the engine started with, and how often it moved since
+    cap_changes: int = 0
+    cells_startup: int = 0  # the KV cache's start-up size (resizes move cells_total below it and back)
