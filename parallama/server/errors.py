@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from parallama.server.metrics import metrics_of
+
 log = logging.getLogger(__name__)
 
 
@@ -80,15 +82,21 @@ def _param_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _answer(request: Request, body: dict, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every handled error leaves through here, so /metrics counts refusals (503) and bad requests (4xx)."""
+    metrics_of(request.app).count_error(status, body["error"]["code"])
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _answer(request, exc.body(), exc.status, exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = _param_of(tuple(first.get("loc", ())))
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
-    return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
+    return _answer(request, error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -97,7 +105,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     body = error_body(str(exc.detail), type_, None, codes.get(exc.status_code))
-    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return _answer(request, body, exc.status_code, getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

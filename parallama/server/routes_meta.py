@@ -1,13 +1,15 @@
-"""GET /v1/models, /v1/models/{id}, /health and /status."""
+"""GET /v1/models, /v1/models/{id}, /health, /status and /metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from parallama.batching import EngineStopped
 from parallama.batching.stats import EngineStats
 from parallama.memory.degradation import ControllerStats
 from parallama.memory.probes import format_size
+from parallama.server.metrics import metrics_of
 from parallama.server.state import Served, served
 
 router = APIRouter()
@@ -42,6 +44,22 @@ async def health(http: Request) -> JSONResponse:
 async def status(http: Request) -> dict:
     s = served(http)
     return render_status(s, await s.engine.status())
+
+
+@router.get("/metrics")
+async def metrics(http: Request) -> Response:
+    """Prometheus exposition, from the same snapshot as /status. It needs the API key like /status (the
+    guard opens only /health). While the model loads, or once the engine stopped, only the edge's own
+    counters are shown, so a scrape still succeeds."""
+    s = getattr(http.app.state, "served", None)
+    stats = None
+    if s is not None:
+        try:
+            stats = await s.engine.status()
+        except EngineStopped:
+            pass
+    body, content_type = metrics_of(http.app).render(http.headers.get("accept"), s.model_id if s else None, stats)
+    return Response(body, media_type=content_type)
 
 
 def render_status(s: Served, st: EngineStats) -> dict:
