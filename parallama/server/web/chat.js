@@ -74,7 +74,8 @@ function cleanConversation(raw) {
                    ...(typeof m.info === "string" ? { info: m.info } : {}) }));
   const title = typeof raw.title === "string" && raw.title.trim() ? raw.title.trim().slice(0, 120) : "Untitled chat";
   return { id: typeof raw.id === "string" && raw.id ? raw.id : newId(), title, messages,
-           created: Number(raw.created) || Date.now(), updated: Number(raw.updated) || Date.now() };
+           created: Number(raw.created) || Date.now(), updated: Number(raw.updated) || Date.now(),
+           renamed: raw.renamed !== false }; // imported titles are kept; ours say false until renamed
 }
 
 function saveConversations() {
@@ -93,7 +94,7 @@ function current() {
 }
 
 function newConversation() {
-  const conv = { id: newId(), title: "New chat", messages: [], created: Date.now(), updated: Date.now() };
+  const conv = { id: newId(), title: "New chat", messages: [], created: Date.now(), updated: Date.now(), renamed: false };
   state.conversations.unshift(conv);
   state.currentId = conv.id;
   return conv;
@@ -128,7 +129,10 @@ function startRename(item, conv) {
   const finish = (keep) => {
     if (done) return;
     done = true;
-    if (keep && input.value.trim()) conv.title = input.value.trim().slice(0, 120);
+    if (keep && input.value.trim() && input.value.trim() !== conv.title) {
+      conv.title = input.value.trim().slice(0, 120);
+      conv.renamed = true;
+    }
     saveConversations();
     renderConversationList();
   };
@@ -253,7 +257,7 @@ function send() {
   const text = $("input").value;
   if (!text.trim() || state.streaming) return;
   const conv = current();
-  if (!conv.messages.length && conv.title === "New chat") conv.title = text.trim().replace(/\s+/g, " ").slice(0, 40);
+  if (!conv.messages.length && !conv.renamed) conv.title = text.trim().replace(/\s+/g, " ").slice(0, 40); // not a name given
   conv.messages.push({ role: "user", content: text });
   $("input").value = "";
   renderConversationList();
@@ -430,8 +434,7 @@ async function readEvents(response, onData) {
 // --- errors a person understands ------------------------------------------------------------------
 function explain(error, retry) {
   if (error.status === 401) {
-    askForKey(state.apiKey ? "The server refused this API key. Enter the right one." :
-              "This server was started with an API key. Enter it to chat.", retry);
+    askForKey(retry);
     notice("The server needs an API key.", "error");
   } else if (error.code === "context_length_exceeded") {
     notice("Too long for the model's context: " + error.message +
@@ -457,9 +460,10 @@ function clearNotice() {
 }
 
 // --- API key ----------------------------------------------------------------------------------------
-function askForKey(reason, then) {
-  state.afterKey = then || null;
-  $("key-reason").textContent = reason;
+function askForKey(then, reason) {
+  if (then) state.afterKey = then; // a prompt opened by another 401 meanwhile must not drop the retry
+  $("key-reason").textContent = reason || (state.apiKey ? "The server refused this API key. Enter the right one." :
+                                           "This server was started with an API key. Enter it to chat.");
   $("key-input").value = state.apiKey;
   if (!$("key-dialog").open) $("key-dialog").showModal();
 }
@@ -483,7 +487,7 @@ async function loadModels() {
   try {
     const response = await fetch("/v1/models", { headers: authHeaders() });
     if (response.status === 401) {
-      askForKey("This server was started with an API key. Enter it to chat.");
+      askForKey();
       return;
     }
     if (!response.ok) throw await apiError(response);
@@ -558,14 +562,14 @@ function start() {
   });
   $("open-settings").addEventListener("click", openSettings);
   $("settings-form").addEventListener("submit", saveSettings);
-  $("open-key").addEventListener("click", () => askForKey("The key this server was started with (--api-key)."));
+  $("open-key").addEventListener("click", () => askForKey(null, "The key this server was started with (--api-key)."));
   $("key-dialog").addEventListener("close", keyDialogClosed);
   render();
   setStreaming(false);
   loadModels();
   Live.start({
     fetchStatus: () => fetch("/status", { headers: authHeaders() }),
-    onUnauthorized: () => askForKey("This server was started with an API key. Enter it to chat."),
+    onUnauthorized: () => askForKey(),
   });
   $("input").focus();
 }

@@ -28,8 +28,8 @@ function renderInline(raw) {
   // Code spans first: nothing inside them is formatted.
   let text = raw.replace(/`([^`\n]+)`/g, (_, code) => stash(store, "<code>" + escapeHtml(code) + "</code>"));
   text = escapeHtml(text);
-  // [label](http://...) on already-escaped text: the URL cannot contain a quote or "<" any more.
-  text = text.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/gi, (_, label, url) =>
+  // [label](http://...) on already-escaped text; a URL holding a quote, "<" or ">" is no link at all.
+  text = text.replace(/\[([^\]\n]+)\]\((https?:\/\/(?:(?!&quot;|&#39;|&lt;|&gt;)[^\s()])+)\)/gi, (_, label, url) =>
     stash(store, '<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + label + "</a>"));
   text = text.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
   text = text.replace(/__([^_\n]+)__/g, "<strong>$1</strong>");
