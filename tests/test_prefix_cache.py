@@ -94,6 +94,15 @@ def test_the_next_turn_reuses_the_previous_turns_prompt_and_answer():
     assert sched.cache.hits == 1 and sched.cache.tokens_reused == kept
 
 
+def test_each_request_counts_one_hit_or_one_miss_however_long_it_waits():
+    sched = make(slots=1)
+    add(sched, "m1", SYSTEM + "hello", 6)  # misses: nothing is cached yet
+    add(sched, "m2", "zyxwvutsrq", 6)  # a miss too, looked up at the head of the queue while m1 runs
+    add(sched, "h1", SYSTEM + "world", 6)  # shares m1's first 26 tokens: a hit
+    drain(sched)
+    assert (sched.cache.hits, sched.cache.misses) == (1, 2)
+
+
 def test_outputs_are_the_same_with_and_without_the_cache():
     texts = [SYSTEM + t for t in ("hello", "world", "quick", "jumps")]
     results = []

@@ -88,10 +88,9 @@ class PrefixCache:
             entry, m = self.ram.match(prompt, len(prompt) - 1)
             if entry is not None and m >= max(MIN_REUSE, n + RAM_MIN_GAIN) and len(entry.tokens) <= room:
                 return Hit(m, ram=entry)
-        if n:
-            return Hit(n, node=node)
-        self.misses += 1
-        return None
+        # A miss is counted by the scheduler when the sequence starts: a request waiting at the head of the
+        # queue is looked up again every step, and each of those looks is not a miss.
+        return Hit(n, node=node) if n else None
 
     def attach(self, seq_id: int, hit: Hit) -> Node | None:
         """Put the hit's cells under ``seq_id``. Returns the node the sequence now shares (pinned until
