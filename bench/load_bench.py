@@ -229,6 +229,10 @@ def free_port() -> int:
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
+    if args.server == "llama-server":  # its -c is the total context, split evenly among the -np slots
+        return [args.llama_server, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(args.parallel), "-c", str(args.parallel * args.ctx_size), "-b", str(args.batch_size),
+                "-ub", str(args.batch_size), "--threads", str(args.threads)]
     return [sys.executable, "-m", "parallama.server.cli", "serve", "--port", str(port),
             "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
             "--kv-size", str(args.parallel * args.ctx_size), "--batch-size", str(args.batch_size),
@@ -344,7 +348,8 @@ async def http_levels(args: argparse.Namespace, port: int, pid: int, bias: dict[
             row["client_cpu_util"] = _r((cpu_seconds(me) - cpu_me) / wall, 2)
             rows.append(row)
             progress(f"HTTP C={c}: {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_s']} s, {row['errors']} errors")
-        rows.append({"status": (await client.get("/status")).json()})
+        status = await client.get("/status")  # llama-server has none
+        rows.append({"status": status.json() if status.status_code == 200 else {}})
     return rows
 
 
@@ -409,6 +414,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ctx-size", type=int, default=512, help="server --ctx-size; KV cells = parallel x ctx-size")
     ap.add_argument("--batch-size", type=int, default=512, help="n_batch (and n_ubatch)")
     ap.add_argument("--memory-reserve", default="256MiB", help="server --memory-reserve (sizing only)")
+    ap.add_argument("--server", choices=("parallama", "llama-server"), default="parallama",
+                    help="which server the HTTP levels run against")
+    ap.add_argument("--llama-server", default="/work/anchor/llama-server",
+                    help="llama-server binary (bench/build_llama_server.sh builds it from the vendored llama.cpp)")
     ap.add_argument("--stagger", type=float, default=0.0,
                     help="seconds between the clients' first sends (0: all at once, so equal-length requests "
                          "then arrive in waves and each wave's prompts are prefilled together)")
