@@ -36,7 +36,8 @@ def _auth(client) -> dict:
 
 
 def test_preflight_from_an_allowed_origin_is_answered_before_the_key(client):
-    response = client.options("/v1/chat/completions", headers={"Origin": ALLOWED, **PREFLIGHT})  # no key: browsers send none
+    # No key: a browser's preflight never carries one.
+    response = client.options("/v1/chat/completions", headers={"Origin": ALLOWED, **PREFLIGHT})
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == ALLOWED
     assert "POST" in response.headers["access-control-allow-methods"]

@@ -196,8 +196,9 @@ def test_html_from_the_user_and_the_model_never_runs(page, server, tmp_path):
     assert page.inner_text(".msg.user .content").startswith('<img src=x onerror="window.xssRan=1"> <script>')
     # From the model: an assistant message carrying the payload, imported as an exported conversation...
     exported = tmp_path / "evil.json"
+    breakout = "\n```\n</code></pre><img src=x onerror=window.xssRan=7>\n```"  # out of a code block?
     exported.write_text(json.dumps({"title": "<img src=x onerror=window.xssRan=6>", "messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": PAYLOAD + "\n```\n</code></pre><img src=x onerror=window.xssRan=7>\n```"}]}))
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": PAYLOAD + breakout}]}))
     page.set_input_files("#import-file", str(exported))
     page.wait_for_selector("#notice.info")
     assert "<img" in page.inner_text("#conversation-list li.selected .title")
@@ -272,20 +273,23 @@ def test_a_busy_server_is_retried_after_retry_after(page):
     assert page.is_hidden("#notice")
 
 
+SET_VISIBILITY = """state => { Object.defineProperty(document, 'visibilityState', {value: state, configurable: true});
+                               document.dispatchEvent(new Event('visibilitychange')); }"""
+STATUS_FETCHES = "performance.getEntriesByType('resource').filter(e => e.name.endsWith('/status'))"
+
+
 def test_the_live_view_stops_polling_in_a_hidden_tab(page):
     page.wait_for_selector("#slots li")
     polls = []
     page.on("request", lambda r: polls.append(r.url) if r.url.endswith("/status") else None)
     page.wait_for_function("document.getElementById('live-state').textContent === '● live'")
-    page.evaluate("""() => { Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
-                             document.dispatchEvent(new Event('visibilitychange')); }""")
+    page.evaluate(SET_VISIBILITY, "hidden")
     seen = len(polls)
     page.wait_for_timeout(2500)  # the absence of polls can only be seen over time: 2.5 periods
     assert len(polls) <= seen + 1  # at most one already under way
-    page.evaluate("""() => { Object.defineProperty(document, 'visibilityState', {value: 'visible', configurable: true});
-                             document.dispatchEvent(new Event('visibilitychange')); }""")
-    page.wait_for_function("n => performance.getEntriesByType('resource').filter(e => e.name.endsWith('/status')).length > n",
-                           arg=page.evaluate("performance.getEntriesByType('resource').filter(e => e.name.endsWith('/status')).length"))
+    before = page.evaluate(f"{STATUS_FETCHES}.length")
+    page.evaluate(SET_VISIBILITY, "visible")
+    page.wait_for_function(f"n => {STATUS_FETCHES}.length > n", arg=before)  # polling resumes
 
 
 # --- a server started with an API key ---------------------------------------------------------------
