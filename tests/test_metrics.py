@@ -242,6 +242,20 @@ def test_metrics_needs_the_api_key_like_status():
         assert client.get("/health", headers={"Authorization": ""}).status_code == 200
 
 
+def test_refusals_before_the_routes_are_counted_too():
+    with fake_server(api_key=KEY) as client:
+        before = scrape(client)
+        assert client.get("/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post("/v1/completions", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 400
+        client.app.state.draining = True
+        assert client.post("/v1/completions", json={"prompt": "abc"}).status_code == 503
+        client.app.state.draining = False
+        after = scrape(client)
+    for status in ("401", "400"):
+        assert after.value("bad_requests_total", status=status) - before.value("bad_requests_total", status=status) == 1
+    assert after.value("requests_refused_total") - before.value("requests_refused_total") == 1
+
+
 def test_bad_requests_are_counted_by_status():
     with fake_server() as client:
         before = scrape(client)

@@ -17,6 +17,7 @@ from parallama.server import routes_meta, routes_openai
 from parallama.server.cors import Cors
 from parallama.server.errors import install_error_handlers
 from parallama.server.guard import Guard
+from parallama.server.metrics import metrics_of
 from parallama.server.settings import Settings
 from parallama.server.state import Served
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings, build: Builder | None = None) -> FastAPI:
         allowed_hosts=frozenset(settings.allowed_hosts),
         max_body_bytes=settings.max_body_bytes,
         draining=lambda: app.state.draining,
+        on_refusal=lambda status, code: metrics_of(app).count_error(status, code),
     )
     app.add_middleware(Cors, origins=settings.cors_origins)  # added last, so it runs first: before the key
     install_error_handlers(app)

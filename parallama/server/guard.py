@@ -29,13 +29,14 @@ def _host_name(header: str) -> str:
 
 class Guard:
     def __init__(self, app: Any, *, api_key: str | None, bind_host: str, allowed_hosts: frozenset[str],
-                 max_body_bytes: int, draining: Any) -> None:
+                 max_body_bytes: int, draining: Any, on_refusal: Any = None) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.check_host = is_loopback(bind_host)
         self.allowed_hosts = LOOPBACK_NAMES | allowed_hosts
         self.max_body_bytes = max_body_bytes
         self.draining = draining  # callable: True once shutdown has begun
+        self.on_refusal = on_refusal  # callable(status, error code): /metrics counts the refusals
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -43,6 +44,8 @@ class Guard:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
+            if self.on_refusal is not None:
+                self.on_refusal(refusal[0], refusal[1]["error"]["code"])
             await _respond(send, *refusal)
             return
         await self.app(scope, self._limited(receive), send)

@@ -75,7 +75,8 @@ def render_status(s: Served, st: EngineStats) -> dict:
         "queue": {"waiting": st.queued},
         "kv": {"cells_total": st.cells_total, "cells_used": sched.cells_used, "cells_cached": st.cache.cells},
         "prefix_cache": _prefix_cache(st, facts.kv_bytes_per_token),
-        "engine": {"steps": sched.steps, "decode_calls": st.decode_calls, "preemptions": sched.preemptions},
+        "engine": {"steps": sched.steps, "decode_calls": st.decode_calls, "preemptions": sched.preemptions,
+                   "tokens_generated": st.generation_tokens},
     }
     if st.controller is not None:
         body["memory"] = _memory(st.controller)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get to finish after SIGTERM")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
     # security
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 and /status")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1, /status and /metrics")
     api_key_file: Path | None = Field(None, description="read the API key from this file")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra Host header names accepted while bound to loopback (comma-separated)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="web origins (scheme://host:port) whose pages may call this server from a browser (comma-separated; '*' allows any). The server's own page at / needs none")
