@@ -159,6 +159,9 @@ def test_health_and_status_contract(http, server):
     assert {s["state"] for s in seqs["slots"]} == {"idle"}
     assert status["queue"]["waiting"] == 0
     assert status["kv"]["cells_used"] == 0 and status["kv"]["cells_total"] >= 8 * 512
+    generated = status["engine"]["tokens_generated"]
+    made = chat(http, max_tokens=5)["usage"]["completion_tokens"]
+    assert made > 0 and http.get("/status").json()["engine"]["tokens_generated"] == generated + made
 
 
 def test_penalties_and_sampling_extensions_are_applied(http):

@@ -76,7 +76,7 @@ def render_status(s: Served, st: EngineStats) -> dict:
         "kv": {"cells_total": st.cells_total, "cells_used": sched.cells_used, "cells_cached": st.cache.cells},
         "prefix_cache": _prefix_cache(st, facts.kv_bytes_per_token),
         "engine": {"steps": sched.steps, "decode_calls": st.decode_calls, "preemptions": sched.preemptions,
-                   "tokens_generated": st.generation_tokens},
+                   "tokens_generated": st.requests.generation_tokens if st.requests else 0},
     }
     if st.controller is not None:
         body["memory"] = _memory(st.controller)
