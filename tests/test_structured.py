@@ -153,12 +153,19 @@ def test_logprobs_and_top_logprobs_in_openai_shape(server):
     streamed = client.chat.completions.create(
         model=server.served.model_id, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=12,
         temperature=0, logprobs=True, top_logprobs=3, stream=True)
-    pieces = [lp for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
-              for lp in chunk.choices[0].logprobs.content]
+    chunks = [chunk.choices[0] for chunk in streamed if chunk.choices]
+    pieces = [lp for c in chunks if c.logprobs for lp in c.logprobs.content]
+    assert "".join(p.token for p in pieces) == "".join(c.delta.content or "" for c in chunks)
     # The streamed request reuses the first one's prompt from the prefix cache, and llama.cpp's CPU kernels
-    # are not batch-invariant: the same tokens, logprobs equal up to that numeric noise.
-    assert [p.token for p in pieces] == [t.token for t in tokens]
-    assert all(abs(p.logprob - t.logprob) < 0.25 for p, t in zip(pieces, tokens))
+    # are not batch-invariant: the same greedy path with logprobs equal up to that numeric noise, until a
+    # near tie (both tokens among the top ones, within the noise) may tip the other way.
+    assert pieces and pieces[0].token == tokens[0].token
+    for p, t in zip(pieces, tokens):
+        if p.token != t.token:
+            alternatives = {c.token: c.logprob for c in t.top_logprobs}
+            assert p.token in alternatives and t.logprob - alternatives[p.token] < 0.25
+            break
+        assert abs(p.logprob - t.logprob) < 0.25
 
 
 def test_completions_logprobs_shape(server):
