@@ -26,9 +26,11 @@ SCHEMAS = {
                                                                               "maximum": 9}},
             "required": ["sku", "qty"], "additionalProperties": False}},
         "express": {"type": "boolean"}}, "required": ["items", "express"], "additionalProperties": False},
+    # A "number" needs a bound on its digits (multipleOf): otherwise a sample at temperature 1 may write
+    # fraction digits until max_tokens, which the grammar allows. 0.5 is exact in binary, for jsonschema.
     "weather": {"type": "object", "properties": {
         "city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}, "temperature": {"type": "number", "minimum": -90,
-                                                                                     "maximum": 60}},
+                                                                                     "maximum": 60, "multipleOf": 0.5}},
         "required": ["city", "unit", "temperature"], "additionalProperties": False},
     "nested": {"type": "object", "properties": {
         "author": {"type": "object", "properties": {"name": NAME, "email": {"type": "string", "pattern":
