@@ -54,6 +54,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout, installed or not
 
+from _client import percentile  # noqa: E402  (bench/ is on sys.path: this runs as a script)
+from _client import rnd as _r  # noqa: E402
 from parallama.batching import Engine, EngineConfig  # noqa: E402
 from parallama.memory.sizing import SeqLayout, seq_layout  # noqa: E402
 from parallama.sequences import SamplingParams  # noqa: E402
@@ -120,21 +122,6 @@ async def closed_loop(one: Callable[[int], Awaitable[Result]], n: int, concurren
     started = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return [r for r in results if r is not None], time.perf_counter() - started
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def _r(x: float | None, digits: int = 3) -> float | None:
-    return None if x is None else round(x, digits)
 
 
 def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
