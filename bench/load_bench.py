@@ -156,7 +156,7 @@ def context_config(args: argparse.Namespace) -> ContextConfig:
 
 
 def server_layout(args: argparse.Namespace) -> SeqLayout:
-    return seq_layout(args.parallel, prefix_cache=True, n_batch=args.batch_size)
+    return seq_layout(args.parallel, prefix_cache=True, n_batch=args.batch_size, kv_unified=False)  # the default
 
 
 async def engine_level(engine: Engine, prompts: list[list[int]], params: SamplingParams,

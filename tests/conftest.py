@@ -32,16 +32,17 @@ def llama_model():
 
 @pytest.fixture
 def make_backend(llama_model, _engines) -> Callable[..., object]:
-    """``make_backend(n_ctx=..., n_seq_max=..., n_batch=...)`` -> a LlamaBackend (n_threads=2) on
-    the shared model; every backend made is closed at teardown (after the engines using it stop)."""
+    """``make_backend(n_ctx=..., n_seq_max=..., n_batch=..., kv_unified=...)`` -> a LlamaBackend (n_threads=2)
+    on the shared model (one unified pool unless asked for a stream per sequence); every backend made is
+    closed at teardown (after the engines using it stop)."""
     from parallama.sequences.config import ContextConfig
     from parallama.sequences.llama_backend import LlamaBackend
 
     made = []
 
-    def make(n_ctx: int = 1024, n_seq_max: int = 4, n_batch: int = 256, n_threads: int = 2):
+    def make(n_ctx: int = 1024, n_seq_max: int = 4, n_batch: int = 256, n_threads: int = 2, kv_unified: bool = True):
         backend = LlamaBackend(llama_model, ContextConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch,
-                                                          n_threads=n_threads))
+                                                          n_threads=n_threads, kv_unified=kv_unified))
         made.append(backend)
         return backend
 

@@ -37,12 +37,15 @@ async def two_turns(engine, backend) -> tuple[list[int], int, list[int], int]:
     return answer, one.usage.cached_tokens, two.token_ids[0], two.usage.cached_tokens
 
 
-def test_a_second_turn_reuses_the_first_and_gives_the_same_output_as_without_the_cache(make_backend, make_engine):
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_second_turn_reuses_the_first_and_gives_the_same_output_as_without_the_cache(make_backend, make_engine,
+                                                                                       kv_unified):
     # Prompts go in 32-token chunks in both runs: llama.cpp's CPU kernels give the same rows for
     # micro-batches under 64 tokens whatever else is in them, so only the cache differs.
     results = {}
-    for name, layout in (("cache", SeqLayout(1, 3)), ("none", SeqLayout(1))):
-        backend = make_backend(n_ctx=1024, n_seq_max=layout.n_seq_max, n_batch=32)
+    cached_layout = SeqLayout(1, 3) if kv_unified else SeqLayout(1, slot_cache=True)
+    for name, layout in (("cache", cached_layout), ("none", SeqLayout(1))):
+        backend = make_backend(n_ctx=1024, n_seq_max=layout.n_seq_max, n_batch=32, kv_unified=kv_unified)
         engine = make_engine(backend, 512, layout=layout)
         results[name] = asyncio.run(two_turns(engine, backend))
     answer1, cached1, answer2, cached2 = results["cache"]
@@ -53,8 +56,9 @@ def test_a_second_turn_reuses_the_first_and_gives_the_same_output_as_without_the
     assert (answer1, answer2) == (results["none"][0], results["none"][2])
 
 
-def test_kv_restored_from_ram_gives_the_same_logits_as_before_it_left(make_backend):
-    backend = make_backend(n_ctx=512, n_seq_max=2, n_batch=64)
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_kv_restored_from_ram_gives_the_same_logits_as_before_it_left(make_backend, kv_unified):
+    backend = make_backend(n_ctx=512, n_seq_max=2, n_batch=64, kv_unified=kv_unified)
     prompt = backend.tokenize("<|im_start|>user\nWhat is a lighthouse?<|im_end|>\n<|im_start|>assistant\n", True, True)
     *head, last = prompt
     n_vocab = backend.facts.n_vocab
@@ -71,6 +75,30 @@ def test_kv_restored_from_ram_gives_the_same_logits_as_before_it_left(make_backe
     before = decode(0, len(head), [last])
     backend.seq_remove(0)
     backend.seq_restore(1, saved)  # back into other cells, under another seq_id
+    after = decode(1, len(head), [last])
+    assert after == before
+
+
+def test_a_stream_copied_from_another_gives_the_same_logits_as_computing_it(make_backend):
+    # With a stream per sequence, a fan-out's shared prompt and n > 1 are whole-stream copies (then trimmed):
+    # the copy must hold exactly the source's cells, and nothing past the trim.
+    backend = make_backend(n_ctx=1024, n_seq_max=2, n_batch=64, kv_unified=False)
+    prompt = backend.tokenize("<|im_start|>user\nWhat is a lighthouse?<|im_end|>\n<|im_start|>assistant\n", True, True)
+    *head, last = prompt
+    n_vocab = backend.facts.n_vocab
+
+    def decode(seq_id: int, start: int, tokens: list[int]) -> list[float]:
+        plan = BatchPlan()
+        plan.add(BatchItem(seq_id, start, tokens, True))
+        backend.decode(plan)
+        row = llama_cpp.llama_get_logits_ith(backend.ctx, plan.logits_index[0])
+        return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * n_vocab)).contents)
+
+    decode(0, 0, prompt + prompt[:8])  # the source holds more than what is copied
+    backend.seq_remove(0, len(head))
+    before = decode(0, len(head), [last])
+    backend.seq_copy(0, 1, len(head))
+    assert llama_cpp.llama_memory_seq_pos_max(backend.memory, 1) == len(head) - 1  # trimmed to the copy
     after = decode(1, len(head), [last])
     assert after == before
 
@@ -122,8 +150,8 @@ def test_a_memory_squeeze_empties_the_cache_ram_before_touching_running_sequence
                      memory_reserve="1GiB", memory_check_interval=0.05) as server:
         memory.engine = server.served.engine
         base = server.base_url
-        for i in range(10):  # more conversations than the cache's 6 ids: the oldest go to RAM
-            body = {"prompt": f"Conversation {i}: " + "tell me more " * 10, "max_tokens": 4, "temperature": 0}
+        for i in range(10):  # more conversations than the 2 slots' streams hold: the oldest go to RAM
+            body = {"prompt": f"Conversation {i}: " + "tell me more " * 30, "max_tokens": 4, "temperature": 0}
             assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
         before = httpx.get(f"{base}/status", timeout=30).json()
         assert before["prefix_cache"]["ram"]["bytes"] > 0

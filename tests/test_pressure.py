@@ -151,7 +151,7 @@ def test_cache_shrinks_under_pressure_and_returns_after(pressured):
 
 
 def test_kv_cache_far_too_small_preempts_and_everyone_finishes():
-    with live_server(parallel=8, ctx_size=256, kv_size=512) as server:
+    with live_server(parallel=8, ctx_size=256, kv_size=512, kv_unified=True) as server:  # an overcommitted pool
         results = asyncio.run(run_all(server.base_url, prompts(16), 100))
         after = status(server.base_url)
     assert [code for code, _, _ in results] == [200] * 16

@@ -20,7 +20,8 @@ def test_a_batch_size_below_the_minimum_is_refused_naming_the_flag():
 
 @pytest.mark.model
 def test_batch_size_16_starts_with_its_slots_and_a_prefix_cache_beside_them():
-    with live_server(parallel=None, max_parallel=16, batch_size=16, ubatch_size=16, kv_size=4096) as server:
+    with live_server(parallel=None, max_parallel=16, batch_size=16, ubatch_size=16, kv_size=4096,
+                     kv_unified=True) as server:
         status = httpx.get(f"{server.base_url}/status", timeout=30).json()
         assert status["sequences"]["max"] == 15  # 16 seq_ids at most: one is left for the prefix cache
         body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
@@ -29,9 +30,9 @@ def test_batch_size_16_starts_with_its_slots_and_a_prefix_cache_beside_them():
         assert server.served.engine.scheduler.layout.cache_ids > 0
 
 
-def test_parallel_equal_to_batch_size_is_refused_in_flag_terms():
+def test_parallel_equal_to_batch_size_is_refused_in_flag_terms_with_a_unified_pool():
     run = subprocess.run([sys.executable, "-m", "parallama.server.cli", "serve", "--parallel", "16", "--batch-size",
-                          "16", "--port", "0"], capture_output=True, text=True, timeout=120)
+                          "16", "--kv-unified", "true", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "--parallel 16 leaves no sequence id for --prefix-cache within --batch-size 16" in run.stdout + run.stderr
 
@@ -40,3 +41,16 @@ def test_parallel_equal_to_batch_size_is_refused_in_flag_terms():
 def test_parallel_equal_to_batch_size_starts_without_the_prefix_cache():
     with live_server(parallel=16, batch_size=16, ubatch_size=16, ctx_size=256, prefix_cache=False) as server:
         assert httpx.get(f"{server.base_url}/status", timeout=30).json()["sequences"]["max"] == 16
+
+
+@pytest.mark.model
+def test_with_a_stream_per_sequence_every_seq_id_is_a_slot_and_the_cache_lives_in_them():
+    with live_server(parallel=16, batch_size=16, ubatch_size=16, ctx_size=256) as server:
+        assert httpx.get(f"{server.base_url}/status", timeout=30).json()["sequences"]["max"] == 16
+        layout = server.served.engine.scheduler.layout
+        assert (layout.n_seq_max, layout.slot_cache) == (16, True)
+        body = {"prompt": "Tell me about rivers. " * 6, "max_tokens": 4, "temperature": 0}
+        first = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120).json()
+        again = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1

@@ -21,6 +21,7 @@ from parallama.batching.prefix_cache import MIN_REUSE, Hit, PrefixCache
 from parallama.batching.token_prefix import common_prefix
 from parallama.batching.ram_tier import RamTier
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
+from parallama.batching.slot_cache import SlotCache, SlotHit
 from parallama.batching.stats import CacheStats, RequestStats, SchedulerStats, SlotStats
 from parallama.batching.stops import StopMatcher
 from parallama.memory.sizing import SeqLayout
@@ -60,7 +61,11 @@ class Scheduler:
             raise ValueError(f"the layout needs {layout.n_seq_max} seq_ids; the context has {backend.n_seq_max}")
         self.layout = layout
         ram = RamTier(config.cache_ram_bytes) if config.cache_ram_bytes > 0 else None
-        self.cache = PrefixCache(backend, layout.cache_seq_ids, ram) if layout.cache_ids else None
+        self.cache: PrefixCache | SlotCache | None = None
+        if layout.cache_ids and backend.kv_unified:
+            self.cache = PrefixCache(backend, layout.cache_seq_ids, ram)
+        elif layout.slot_cache and not backend.kv_unified:
+            self.cache = SlotCache(backend, ram)
         self.num_slots = layout.slots  # seq_ids requests may take
         self.waiting: deque[list[Sequence]] = deque()  # groups admitted together, FCFS
         self.running: list[Sequence] = []
@@ -208,6 +213,8 @@ class Scheduler:
             return True  # an idle engine always takes the head of the queue, so nothing waits forever
         if len(self.running) + len(group) > cap:
             return False
+        if not self.backend.kv_unified:
+            return True  # every sequence has a stream of its own: no one's cells to wait for
         margin = min(self.config.growth_margin, group[0].request.params.max_tokens)
         copied = hit.tokens if hit is not None and hit.node is not None else 0  # shared cells cost nothing
         need = group[0].num_tokens - copied + len(group) * margin
@@ -221,6 +228,9 @@ class Scheduler:
         seq = group[0]
         if self.cache is None or len(group) > 1 or seq.num_computed or seq.parked is not None:
             return None
+        if isinstance(self.cache, SlotCache):
+            computed = ((s.seq_id, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
+            return self.cache.lookup(seq.prompt, self.free_ids, computed)
         return self.cache.lookup(seq.prompt, self.backend.n_ctx - self._committed_cells())
 
     def _wait_for_shared_prefill(self, group: list[Sequence], hit: Hit | None) -> bool:
@@ -247,7 +257,7 @@ class Scheduler:
             seq.sampler = self.backend.new_sampler(params)
             seq.detokenizer = IncrementalDetokenizer(self.backend.token_bytes)
             seq.stops = StopMatcher(params.stop)
-        seq.seq_id = self.free_ids.pop()
+        seq.seq_id = self._take_seq_id(hit)
         seq.status = SeqStatus.RUNNING
         seq.admitted = next(self._admissions)
         self.running.append(seq)
@@ -261,7 +271,12 @@ class Scheduler:
         if hit is not None:
             self._take_hit(seq, hit)
 
-    def _take_hit(self, seq: Sequence, hit: Hit) -> None:
+    def _take_seq_id(self, hit: Hit | SlotHit | None) -> int:
+        if isinstance(self.cache, SlotCache):  # the slot holding the hit, or the one holding least of value
+            return self.cache.claim(self.free_ids, hit)
+        return self.free_ids.pop()
+
+    def _take_hit(self, seq: Sequence, hit: Hit | SlotHit) -> None:
         try:
             node = self.cache.attach(seq.seq_id, hit)
         except BackendError as exc:  # a RAM copy that does not fit after all: compute instead
@@ -277,8 +292,8 @@ class Scheduler:
     def _keep_in_cache(self, seq: Sequence) -> None:
         """Leave this sequence's KV in the prefix cache (its prompt once computed, then prompt and answer
         when it finishes); from then on it shares those cells with the cache."""
-        if not self._cacheable(seq) or seq.seq_id is None:
-            return
+        if not self._cacheable(seq) or seq.seq_id is None or isinstance(self.cache, SlotCache):
+            return  # a slot's stream keeps its KV when the sequence ends (_release)
         shared = seq.prefix.node if seq.prefix is not None else None
         node = self.cache.insert(seq.seq_id, seq.tokens(0, seq.num_computed), shared)
         if node is not None and node is not shared:
@@ -301,7 +316,7 @@ class Scheduler:
             shared = len(leader.prompt) - 1
             if not leader.followers or leader.num_computed < shared:
                 continue
-            prefix = SharedPrefix(shared)
+            prefix = SharedPrefix(shared) if self.backend.kv_unified else None  # streams copy, not share
             leader.prefix = prefix
             for f in leader.followers:
                 self.backend.seq_copy(leader.seq_id, f.seq_id, shared)
@@ -342,18 +357,25 @@ class Scheduler:
         text, stopped = seq.stops.feed(seq.detokenizer.add(token))
         if stopped:
             self._finish(seq, FinishReason.STOP, text, [token], flush=False)
-        elif len(seq.output) >= seq.request.params.max_tokens or seq.num_tokens >= self.config.ctx_size:
+        elif len(seq.output) >= seq.request.params.max_tokens or seq.num_tokens >= self._max_seq_tokens():
             self._finish(seq, FinishReason.LENGTH, text, [token])
         else:
             self._out.append((seq.request.request_id, seq.text_event(token, text)))
+
+    def _max_seq_tokens(self) -> int:
+        """ctx_size, or less when the sequence's own KV stream is smaller (sized down for want of memory)."""
+        if self.backend.kv_unified:
+            return self.config.ctx_size  # a full pool is NO_KV_SLOT's business (_on_kv_full)
+        return min(self.config.ctx_size, self.backend.n_ctx_seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,
                 flush: bool = True) -> None:
         if flush and seq.detokenizer is not None:
             text += seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.flush()
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+        completed = reason in (FinishReason.STOP, FinishReason.LENGTH)
+        if completed:
             self._keep_in_cache(seq)  # the next turn of this conversation starts with all of it
-        self._release(seq)
+        self._release(seq, keep=completed)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         if seq.sampler is not None:
             seq.sampler.close()
@@ -368,11 +390,15 @@ class Scheduler:
             self.metrics.request_ended(request, now)
         self._out.append((request.request_id, event))
 
-    def _release(self, seq: Sequence) -> None:
-        """Give back the seq_id and KV cells; group members still waiting on it go their own way."""
+    def _release(self, seq: Sequence, keep: bool = False) -> None:
+        """Give back the seq_id and KV cells (with a stream per slot, a completed sequence's cells stay in
+        its slot for the prefix cache); group members still waiting on it go their own way."""
         if seq.seq_id is None:
             return
-        self.backend.seq_remove(seq.seq_id)
+        if keep and isinstance(self.cache, SlotCache) and self._cacheable(seq):
+            self.cache.retain(seq.seq_id, seq.tokens(0, seq.num_computed))
+        else:
+            self.backend.seq_remove(seq.seq_id)
         self.free_ids.append(seq.seq_id)
         self.running.remove(seq)
         for f in seq.followers:
@@ -389,6 +415,8 @@ class Scheduler:
         newest sequence. The batch runs again next step without it."""
         for item in plan.items:
             self.backend.seq_remove(item.seq_id, item.start_pos)
+        if not self.backend.kv_unified and self._end_overflowing_streams(plan):
+            return  # the others' batch runs again next step
         if self.cache and self.cache.evict(plan.num_tokens):
             return  # the cache's cells may be enough: run the batch again as it was
         if len(self.running) > 1:
@@ -397,6 +425,16 @@ class Scheduler:
         else:
             log.warning("seq=%s does not fit in %d KV cells alone", self.running[0].seq_id, self.backend.n_ctx)
             self._finish(self.running[0], FinishReason.LENGTH)
+
+    def _end_overflowing_streams(self, plan: BatchPlan) -> bool:
+        """With a stream per sequence, a full stream is that sequence's own limit: nobody else's cells would
+        make room, so it ends there ("length"). Returns whether any did."""
+        by_id = {s.seq_id: s for s in self.running}
+        full = [by_id[i.seq_id] for i in plan.items if i.start_pos + len(i.token_ids) > self.backend.n_ctx_seq]
+        for seq in full:
+            log.warning("seq=%d: its KV stream of %d cells is full", seq.seq_id, self.backend.n_ctx_seq)
+            self._finish(seq, FinishReason.LENGTH)
+        return bool(full)
 
     def preempt(self, seq: Sequence) -> None:
         """Park a running sequence's KV in host memory, free its cells and seq_id, and queue it first.
@@ -417,6 +455,8 @@ class Scheduler:
         self.backend.resize(n_ctx)
         if self.cache:
             self.cache.forget()
+        # With a stream per seq_id the context may have fewer of them now (or more again, up to the slots).
+        self.free_ids = list(range(min(self.num_slots, self.backend.n_seq_max) - 1, -1, -1))
         self.num_resizes += 1
         log.info("KV cache resized to %d cells", self.backend.n_ctx)
 

@@ -31,6 +31,7 @@ class DegradationConfig:
     max_cells: int  # the start-up KV size: growth stops there
     max_cap: int  # the start-up sequence count
     min_cap: int = 1
+    overcommit: int = OVERCOMMIT  # sizing's rule: 1 with a KV stream per sequence
     gpu_fraction: Fraction | float = 0
     probe_interval: float = 0.5  # seconds between memory readings
     recover_after: float = 3.0  # seconds of continuous headroom before each growth step
@@ -146,7 +147,7 @@ class DegradationController:
 
     def _cap_for(self, cells: int) -> int:
         """Sequences a cache of ``cells`` serves under the start-up overcommit rule."""
-        return max(self.config.min_cap, min(self.config.max_cap, OVERCOMMIT * cells // self.config.ctx_size))
+        return max(self.config.min_cap, min(self.config.max_cap, self.config.overcommit * cells // self.config.ctx_size))
 
     def stats(self) -> ControllerStats:
         c = self.config

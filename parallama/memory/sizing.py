@@ -15,6 +15,8 @@ Overcommit rule (as in vLLM, whose KV pool is smaller than max_num_seqs x max_mo
 sequences never fill their context, so the shared cache may hold fewer cells than parallel x ctx_size.
 It must hold at least one whole sequence (ctx_size cells) and at least half of every sequence's
 context on average (``OVERCOMMIT`` = 2). When sequences do outgrow the cache the scheduler preempts one.
+That holds for the unified cache only (``kv_unified``); with a KV stream per sequence (the default) every
+stream is a whole ctx_size, so parallel x ctx_size cells it is.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class SeqLayout:
 
     slots: int
     cache_ids: int = 0
+    slot_cache: bool = False  # with a KV stream per seq_id: the prefix cache keeps KV in the slots' own streams
 
     @property
     def n_seq_max(self) -> int:
@@ -67,7 +70,10 @@ class SeqLayout:
         return range(self.slots, self.n_seq_max)
 
 
-def seq_layout(slots: int, prefix_cache: bool, n_batch: int = 512) -> SeqLayout:
+def seq_layout(slots: int, prefix_cache: bool, n_batch: int = 512, kv_unified: bool = True) -> SeqLayout:
+    """Unified: the prefix cache's entries get seq_ids of their own. Streams: they stay in the slots'."""
+    if not kv_unified:
+        return SeqLayout(slots, slot_cache=prefix_cache)
     cache_ids = min(CACHE_IDS_PER_SLOT * slots, seq_limit(n_batch) - slots) if prefix_cache else 0
     return SeqLayout(slots, max(0, cache_ids))
 
@@ -92,8 +98,19 @@ class SizingInput:
     reserve_bytes: int = DEFAULT_RESERVE
     n_batch: int = 512
     cache_types: str = "f16"  # shown by describe(), e.g. "q8_0/f16"
-    prefix_cache: bool = False  # seq_ids beyond the slots hold cached prefixes
+    prefix_cache: bool = False  # keep finished sequences' KV for later prompts
+    kv_unified: bool = True  # one pool of cells (overcommit allowed, cache ids beyond the slots); else streams
     cache_ram_bytes: int | None = 0  # the prefix cache's host-RAM tier; None: auto (see cache_ram)
+
+    @property
+    def overcommit(self) -> int:
+        """How far parallel x ctx_size may exceed the cells: streams are a whole ctx_size each."""
+        return OVERCOMMIT if self.kv_unified else 1
+
+    @property
+    def cache_ids(self) -> int:
+        """seq_ids the prefix cache needs beyond the slots, at least."""
+        return 1 if self.prefix_cache and self.kv_unified else 0
 
     def __post_init__(self) -> None:
         for name in ("kv_bytes_per_token", "ctx_size", "n_vocab", "n_layer", "max_parallel", "n_batch"):
@@ -236,7 +253,7 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
     """Choose the seq_id layout (slots + cache ids = n_seq_max) and KV cells (n_ctx). Raises SizingError when the request cannot fit."""
     _check_request(inp)
     # The output buffer grows with the sequences; size it for the most there may be.
-    n_seq_max = seq_layout(inp.parallel or _most_slots(inp), inp.prefix_cache, inp.n_batch).n_seq_max
+    n_seq_max = seq_layout(inp.parallel or _most_slots(inp), inp.prefix_cache, inp.n_batch, inp.kv_unified).n_seq_max
     pools = _pools(inp, reading, n_seq_max)
     budget = min(pool.cells(inp.kv_bytes_per_token) for pool in pools)
     if align_down(budget) < align_up(inp.ctx_size):
@@ -248,7 +265,7 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
     else:
         parallel, cells = _auto(inp, budget)
     frac = gpu_fraction(inp, reading)
-    layout = seq_layout(parallel, inp.prefix_cache, inp.n_batch)
+    layout = seq_layout(parallel, inp.prefix_cache, inp.n_batch, inp.kv_unified)
     return SizingPlan(
         layout=layout,
         kv_cells=cells,
@@ -289,7 +306,7 @@ def _check_request(inp: SizingInput) -> None:
             f"a token in each batch; raise --batch-size or lower --parallel"
         )
     limit = seq_limit(inp.n_batch)
-    if inp.parallel is not None and inp.parallel > limit - (1 if inp.prefix_cache else 0):
+    if inp.parallel is not None and inp.parallel > limit - inp.cache_ids:
         why = f"--batch-size {inp.n_batch}" if limit == inp.n_batch else f"llama.cpp's {LLAMA_MAX_SEQ}"
         raise SizingError(
             f"--parallel {inp.parallel} leaves no sequence id for --prefix-cache within {why} (a context holds at "
@@ -301,12 +318,12 @@ def _check_request(inp: SizingInput) -> None:
 def _most_slots(inp: SizingInput) -> int:
     """Auto parallel's ceiling: max_parallel, one token per sequence in a batch, and llama.cpp's
     seq_id limit with at least one id left for the prefix cache."""
-    return min(inp.max_parallel, seq_limit(inp.n_batch) - (1 if inp.prefix_cache else 0))
+    return min(inp.max_parallel, seq_limit(inp.n_batch) - inp.cache_ids)
 
 
 def _auto_parallel(inp: SizingInput, cells: int) -> int:
     """The most sequences ``cells`` serve under the overcommit rule, within ``_most_slots``."""
-    return max(1, min(_most_slots(inp), OVERCOMMIT * cells // inp.ctx_size))
+    return max(1, min(_most_slots(inp), inp.overcommit * cells // inp.ctx_size))
 
 
 def _auto(inp: SizingInput, budget: int) -> tuple[int, int]:
@@ -320,7 +337,7 @@ def _with_parallel(inp: SizingInput, pools: list[_Pool], budget: int) -> tuple[i
     assert inp.parallel is not None
     want = inp.parallel * inp.ctx_size
     cells = min(align_up(want), align_down(budget))
-    if cells * OVERCOMMIT < want:
+    if cells * inp.overcommit < want:
         raise SizingError(_parallel_too_big(inp, pools, budget))
     return inp.parallel, max(cells, align_up(inp.ctx_size))
 
@@ -335,7 +352,13 @@ def _with_kv_size(inp: SizingInput, pools: list[_Pool], budget: int) -> tuple[in
             f"{binding.room_text()}: at most --kv-size {fits:,} "
             f"({_auto_parallel(inp, fits)} sequences x {inp.ctx_size})"
         )
-    return inp.parallel or _auto_parallel(inp, inp.kv_size), inp.kv_size
+    parallel = inp.parallel or _auto_parallel(inp, inp.kv_size)
+    if not inp.kv_unified and parallel * inp.ctx_size > inp.kv_size:  # a pool may be overcommitted at will
+        raise SizingError(
+            f"--kv-size {inp.kv_size:,} holds {inp.kv_size // inp.ctx_size} sequences x {inp.ctx_size} with a KV "
+            f"stream per sequence, not --parallel {parallel}: use --kv-size {parallel * inp.ctx_size:,}, a smaller "
+            f"--parallel, or --kv-unified (one shared pool, {OVERCOMMIT}x overcommit)")
+    return parallel, inp.kv_size
 
 
 def _nothing_fits(inp: SizingInput, pools: list[_Pool]) -> str:
@@ -353,11 +376,11 @@ def _parallel_too_big(inp: SizingInput, pools: list[_Pool], budget: int) -> str:
     binding = _binding(pools, inp.kv_bytes_per_token)
     want = inp.parallel * inp.ctx_size
     full = format_size(want * inp.kv_bytes_per_token)
-    least = format_size(want * inp.kv_bytes_per_token // OVERCOMMIT)
+    least = format_size(want * inp.kv_bytes_per_token // inp.overcommit)
     fits = align_down(budget)
-    most = max(1, min(inp.n_batch, OVERCOMMIT * fits // inp.ctx_size))
+    most = max(1, min(inp.n_batch, inp.overcommit * fits // inp.ctx_size))
+    overcommit = f" ({least} with {inp.overcommit}x overcommit)" if inp.overcommit > 1 else ""
     return (
-        f"--parallel {inp.parallel} --ctx-size {inp.ctx_size} needs {full} of KV cache ({least} with "
-        f"{OVERCOMMIT}x overcommit); {binding.room_text()}: at most {most} sequences x {inp.ctx_size}, "
-        f"or --kv-size {fits:,}"
+        f"--parallel {inp.parallel} --ctx-size {inp.ctx_size} needs {full} of KV cache{overcommit}; "
+        f"{binding.room_text()}: at most {most} sequences x {inp.ctx_size}, or --kv-size {fits:,}"
     )

@@ -88,8 +88,10 @@ class Sampler(Protocol):
 class Backend(Protocol):
     facts: ModelFacts
     constraints: ConstraintCompiler | None  # compiles grammars for this model; None: not supported
-    n_ctx: int  # KV cells shared by all sequences
+    n_ctx: int  # KV cells of all sequences together
     n_seq_max: int
+    kv_unified: bool  # one pool for all (seq_copy shares cells) or a stream per seq_id (seq_copy copies)
+    n_ctx_seq: int  # the most cells one sequence may hold: n_ctx when unified, its stream's size otherwise
     n_batch: int
     decode_calls: int
 
@@ -112,7 +114,8 @@ class Backend(Protocol):
     def seq_restore(self, seq_id: int, data: bytes) -> None: ...
 
     def resize(self, n_ctx: int) -> None:
-        """Rebuild the KV cache with ``n_ctx`` cells. Every sequence's cells are dropped."""
+        """Rebuild the KV cache with ``n_ctx`` cells. Every sequence's cells are dropped. With a stream per
+        seq_id, streams keep their size and ``n_seq_max`` follows (at most its start-up value)."""
         ...
 
     def close(self) -> None: ...

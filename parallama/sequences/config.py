@@ -24,8 +24,12 @@ LLAMA_MAX_SEQ = 256  # llama.cpp refuses a context with more seq_ids
 
 @dataclass(frozen=True, slots=True)
 class ContextConfig:
-    n_ctx: int  # KV cells shared by all sequences (the unified cache)
+    n_ctx: int  # KV cells of all sequences together
     n_seq_max: int  # llama seq_ids: the running slots and the prefix cache's ids (memory.sizing.SeqLayout)
+    # False (llama-server's default): every seq_id has a stream of n_ctx / n_seq_max cells of its own, and a
+    # token attends only to its own stream. True: one pool of n_ctx cells for all, which lets the prefix cache
+    # share cells between sequences, but every token attends to every used cell of the pool.
+    kv_unified: bool = False
     n_batch: int = 512  # most tokens one llama_decode carries
     n_ubatch: int = 512
     n_threads: int = 2

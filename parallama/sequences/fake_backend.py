@@ -99,9 +99,11 @@ class FakeBackend:
     n_ctx: int = 256
     n_seq_max: int = 4
     n_batch: int = 32
+    kv_unified: bool = True  # False: each seq_id has n_ctx // n_seq_max cells of its own, and copies copy
     eos_after: int | None = None  # sample EOS after this many tokens of a sequence
     fail_decodes: set[int] = field(default_factory=set)  # decode call numbers (1-based) that fail
     decode_calls: int = 0
+    copies: int = 0  # seq_copy calls (with streams, each one moves data)
     closed_samplers: int = 0
     constraints: None = None  # nothing compiles grammars here: tests put a FakeConstraint in the params
     plans: list[BatchPlan] = field(default_factory=list)
@@ -113,6 +115,7 @@ class FakeBackend:
     _next_cell: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
+        self._max_streams = self.n_seq_max
         self.facts = ModelFacts(
             name="fake", path="fake.gguf", n_vocab=VOCAB, n_ctx_train=4096, n_layer=1,
             weights_bytes=1 << 20, kv_bytes_per_token=1024, chat_template=None, bos_token="", eos_token="",
@@ -136,7 +139,7 @@ class FakeBackend:
         self.plans.append(plan)
         if plan.num_tokens > self.n_batch:
             raise BackendError(f"batch of {plan.num_tokens} tokens exceeds n_batch={self.n_batch}")
-        if self.decode_calls in self.fail_decodes or self.cells_used + plan.num_tokens > self.n_ctx:
+        if self.decode_calls in self.fail_decodes or self._no_room(plan):
             return DecodeOutcome.NO_KV_SLOT
         self.logits_seq = {}
         for item, row in zip(plan.items, plan.logits_index):
@@ -152,7 +155,21 @@ class FakeBackend:
     def new_sampler(self, params: SamplingParams) -> FakeSampler:
         return FakeSampler(self, params)
 
+    def _no_room(self, plan: BatchPlan) -> bool:
+        if self.kv_unified:
+            return self.cells_used + plan.num_tokens > self.n_ctx
+        return any(self._seq_len(i.seq_id) + len(i.token_ids) > self.n_ctx_seq for i in plan.items)
+
     # --- KV -----------------------------------------------------------------------------------
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.n_ctx if self.kv_unified else self.n_ctx // self.n_seq_max
+
+    def _seq_len(self, seq_id: int) -> int:
+        if not 0 <= seq_id < self.n_seq_max:
+            raise BackendError(f"seq_id {seq_id} outside the context's {self.n_seq_max}")
+        return len(self._seq_cells.get(seq_id, []))
+
     @property
     def cells_used(self) -> int:
         return len(self._cell_refs)
@@ -167,7 +184,12 @@ class FakeBackend:
         del cells[from_pos:]
 
     def seq_copy(self, src: int, dst: int, n_tokens: int) -> None:
+        self.copies += 1
         copied = self._seq_cells[src][:n_tokens]
+        if not self.kv_unified:  # another stream: new cells with the same contents
+            self.seq_remove(dst)
+            self._seq_cells[dst] = [self._new_cell(self._cell_tokens[c]) for c in copied]
+            return
         for cell in copied:
             self._cell_refs[cell] += 1
         self._seq_cells[dst] = list(copied)
@@ -177,11 +199,16 @@ class FakeBackend:
 
     def seq_restore(self, seq_id: int, data: bytes) -> None:
         self.seq_remove(seq_id)
-        if self.cells_used + len(data) > self.n_ctx:
+        room = self.n_ctx - self.cells_used if self.kv_unified else self.n_ctx_seq
+        if len(data) > room:
             raise BackendError(f"seq {seq_id}: no room to restore {len(data)} cells")
         self._seq_cells[seq_id] = [self._new_cell(t) for t in data]
 
     def resize(self, n_ctx: int) -> None:
+        if not self.kv_unified:  # streams keep their size; their number follows
+            stream = self.n_ctx_seq
+            self.n_seq_max = max(1, min(self._max_streams, n_ctx // stream))
+            n_ctx = self.n_seq_max * stream
         self.n_ctx = n_ctx
         self._seq_cells.clear()
         self._cell_tokens.clear()

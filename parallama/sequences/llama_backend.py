@@ -1,4 +1,4 @@
-"""The Backend on llama.cpp: one context, one unified KV cache, many seq_ids."""
+"""The Backend on llama.cpp: one context, one KV cache (a stream per seq_id, or one unified pool), many seq_ids."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def context_params(config: ContextConfig) -> llama_cpp.llama_context_params:
     params.n_threads = params.n_threads_batch = config.n_threads
     params.type_k = CACHE_TYPES[config.cache_type_k][0]
     params.type_v = CACHE_TYPES[config.cache_type_v][0]
-    params.kv_unified = True  # one pool of cells for every sequence: what lets the cache overcommit
+    params.kv_unified = config.kv_unified
     params.no_perf = True
     return params
 
@@ -40,6 +40,7 @@ class LlamaBackend:
         self.constraints = model.constraints
         self.decode_calls = 0
         self._ctx_ref: list = [None]  # shared with samplers, so a rebuilt context reaches them
+        self._max_streams = config.n_seq_max
         self._open(config)
 
     # --- context lifecycle --------------------------------------------------------------------
@@ -52,14 +53,22 @@ class LlamaBackend:
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_seq_max = config.n_seq_max
+        self.kv_unified = config.kv_unified
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)  # cells one sequence may hold
         self.n_batch = config.n_batch
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
 
     def resize(self, n_ctx: int) -> None:
         """Replace the context (and its KV cache) with one of ``n_ctx`` cells; the model stays loaded.
-        Every sequence's cells are lost: the caller parks what it wants to keep first."""
+        Every sequence's cells are lost: the caller parks what it wants to keep first. With a stream per
+        sequence, each stream keeps its size and the number of streams (n_seq_max) follows ``n_ctx``, never
+        above the start-up count: a sequence is never cut shorter than it was promised."""
+        config = dataclasses.replace(self.config, n_ctx=n_ctx)
+        if not self.config.kv_unified:
+            streams = max(1, min(self._max_streams, n_ctx // self.n_ctx_seq))
+            config = dataclasses.replace(config, n_ctx=streams * self.n_ctx_seq, n_seq_max=streams)
         self._close_context()
-        self._open(dataclasses.replace(self.config, n_ctx=n_ctx))
+        self._open(config)
 
     def _close_context(self) -> None:
         if self.ctx:
@@ -114,7 +123,13 @@ class LlamaBackend:
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1)
 
     def seq_copy(self, src: int, dst: int, n_tokens: int) -> None:
-        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, n_tokens)
+        if self.kv_unified:  # the cells get a second owner: no data moves
+            llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, n_tokens)
+            return
+        # Across streams llama.cpp copies whole streams only (at the next decode, before the batch's own
+        # writes); the tail past n_tokens is dropped at once.
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self.memory, dst, n_tokens, -1)
 
     def seq_save(self, seq_id: int) -> bytes:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)

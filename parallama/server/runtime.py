@@ -9,7 +9,7 @@ from parallama.batching import Engine, EngineConfig
 from parallama.memory import cpus
 from parallama.memory.degradation import DegradationConfig, DegradationController
 from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe, auto_reserve
-from parallama.memory.sizing import SizingInput, SizingPlan, plan_sizing
+from parallama.memory.sizing import OVERCOMMIT, SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
 from parallama.sequences.llama_backend import LlamaBackend
 from parallama.sequences.model import LlamaModel, gpu_offload_supported
@@ -44,6 +44,7 @@ def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: Memo
         n_batch=settings.batch_size,
         cache_types=cache_types,
         prefix_cache=settings.prefix_cache,
+        kv_unified=settings.kv_unified,
         cache_ram_bytes=settings.cache_ram_bytes,
     ), reading)
 
@@ -69,6 +70,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         n_threads=settings.threads or default_threads(),
         cache_type_k=settings.cache_type_k,
         cache_type_v=settings.cache_type_v,
+        kv_unified=settings.kv_unified,
     )
     backend = LlamaBackend(model, context)
     controller = DegradationController(DegradationConfig(
@@ -77,6 +79,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         ctx_size=settings.ctx_size,
         max_cells=backend.n_ctx,
         max_cap=plan.parallel,
+        overcommit=OVERCOMMIT if settings.kv_unified else 1,
         gpu_fraction=plan.gpu_fraction,
         probe_interval=settings.memory_check_interval,
         recover_after=settings.recover_after,

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_parallel: int = Field(16, ge=1, le=256, description="upper bound for --parallel auto")
     ctx_size: int = Field(2048, ge=64, description="context of ONE sequence: prompt + answer tokens")
     kv_size: int | None = Field(None, description="cells in the shared KV cache (default: auto, at most parallel x ctx-size)")
+    kv_unified: bool = Field(False, description="one KV pool shared by all sequences instead of a stream per sequence (llama.cpp's -kvu): more sequences than memory for full contexts, but every token attends to every cell in use, cached ones included")
     memory_reserve: str = Field("auto", description="memory left free for the rest of the machine, e.g. 2GiB or 512MiB; auto: the smaller of 1GiB and a tenth of total RAM (of the container's memory limit when lower)")
     memory_check_interval: float = Field(0.5, gt=0, description="seconds between memory readings while serving")
     recover_after: float = Field(3.0, ge=0, description="seconds of steady headroom before each step back up")
