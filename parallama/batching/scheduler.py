@@ -325,12 +325,11 @@ class Scheduler:
 
     # --- planning ------------------------------------------------------------------------------
     def _plan(self) -> tuple[BatchPlan, list[Sequence]]:
-        plan, seqs = BatchPlan(), []
+        items: list[tuple[Sequence, BatchItem]] = []
         for seq in self.running:  # decode first: one token for every generating sequence
             if seq.is_generating:
-                plan.add(BatchItem(seq.seq_id, seq.num_computed, [seq.output[-1]], True))
-                seqs.append(seq)
-        budget = self.backend.n_batch - plan.num_tokens
+                items.append((seq, BatchItem(seq.seq_id, seq.num_computed, [seq.output[-1]], True)))
+        budget = self.backend.n_batch - len(items)
         for seq in self.running:  # then prompt chunks, oldest first, within the token budget
             if budget <= 0:
                 break
@@ -341,10 +340,16 @@ class Scheduler:
             if n <= 0:
                 continue
             start = seq.num_computed
-            plan.add(BatchItem(seq.seq_id, start, seq.tokens(start, start + n), start + n == seq.num_tokens))
-            seqs.append(seq)
+            items.append((seq, BatchItem(seq.seq_id, start, seq.tokens(start, start + n), start + n == seq.num_tokens)))
             budget -= n
-        return plan, seqs
+        if not self.backend.kv_unified:
+            # llama.cpp splits a batch over streams into micro-batches of consecutive, increasing seq_ids
+            # (split_equal): in seq_id order, all slots that run decode in one; in arrival order, one each.
+            items.sort(key=lambda pair: pair[1].seq_id)
+        plan = BatchPlan()
+        for _, item in items:
+            plan.add(item)
+        return plan, [seq for seq, _ in items]
 
     # --- results -------------------------------------------------------------------------------
     def _accept(self, seq: Sequence, token: int) -> None:

@@ -82,7 +82,7 @@ class SlotCache:
         if hit is not None and hit.slot is not None:
             free_ids.remove(hit.slot)
             return hit.slot
-        seq_id = min(free_ids, key=lambda s: (s in self.held, self._used.get(s, 0)))
+        seq_id = min(free_ids, key=lambda s: (s in self.held, self._used.get(s, 0), s))  # low ids: see _plan
         free_ids.remove(seq_id)
         self._vacate(seq_id, keep=0)
         return seq_id

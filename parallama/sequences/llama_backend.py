@@ -135,7 +135,7 @@ class LlamaBackend:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
-        return bytes(buf[:n])
+        return ctypes.string_at(buf, n)  # one memory copy (slicing a ctypes array builds a list of ints)
 
     def seq_restore(self, seq_id: int, data: bytes) -> None:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
