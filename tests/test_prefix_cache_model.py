@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 
 import httpx
 import llama_cpp
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 FIRST = "<|im_start|>user\nName three rivers of Europe.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def decode_logits(backend, seq_id: int, start: int, tokens: list[int]) -> list[float]:
+    """Decode ``tokens`` into ``seq_id`` from ``start``; the logits of the last one."""
+    plan = BatchPlan()
+    plan.add(BatchItem(seq_id, start, tokens, True))
+    backend.decode(plan)
+    row = llama_cpp.llama_get_logits_ith(backend.ctx, plan.logits_index[0])
+    return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * backend.facts.n_vocab)).contents)
 
 
 def turn(backend, text: str) -> list[int]:
@@ -61,14 +71,7 @@ def test_kv_restored_from_ram_gives_the_same_logits_as_before_it_left(make_backe
     backend = make_backend(n_ctx=512, n_seq_max=2, n_batch=64, kv_unified=kv_unified)
     prompt = backend.tokenize("<|im_start|>user\nWhat is a lighthouse?<|im_end|>\n<|im_start|>assistant\n", True, True)
     *head, last = prompt
-    n_vocab = backend.facts.n_vocab
-
-    def decode(seq_id: int, start: int, tokens: list[int]) -> list[float]:
-        plan = BatchPlan()
-        plan.add(BatchItem(seq_id, start, tokens, True))
-        backend.decode(plan)
-        row = llama_cpp.llama_get_logits_ith(backend.ctx, plan.logits_index[0])
-        return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * n_vocab)).contents)
+    decode = functools.partial(decode_logits, backend)
 
     decode(0, 0, head)
     saved = backend.seq_save(0)  # what the RAM tier keeps for an evicted entry
@@ -85,14 +88,7 @@ def test_a_stream_copied_from_another_gives_the_same_logits_as_computing_it(make
     backend = make_backend(n_ctx=1024, n_seq_max=2, n_batch=64, kv_unified=False)
     prompt = backend.tokenize("<|im_start|>user\nWhat is a lighthouse?<|im_end|>\n<|im_start|>assistant\n", True, True)
     *head, last = prompt
-    n_vocab = backend.facts.n_vocab
-
-    def decode(seq_id: int, start: int, tokens: list[int]) -> list[float]:
-        plan = BatchPlan()
-        plan.add(BatchItem(seq_id, start, tokens, True))
-        backend.decode(plan)
-        row = llama_cpp.llama_get_logits_ith(backend.ctx, plan.logits_index[0])
-        return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * n_vocab)).contents)
+    decode = functools.partial(decode_logits, backend)
 
     decode(0, 0, prompt + prompt[:8])  # the source holds more than what is copied
     backend.seq_remove(0, len(head))

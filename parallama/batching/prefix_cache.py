@@ -27,7 +27,6 @@ from parallama.batching.ram_tier import RamEntry, RamTier
 from parallama.batching.stats import CacheStats
 from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
-from parallama.sequences.backend import BackendError
 
 MIN_REUSE = 16  # shorter matches are not worth a copy
 RAM_MIN_GAIN = 64  # restoring from RAM must save at least this many tokens of prefill over the KV match
@@ -98,7 +97,7 @@ class PrefixCache:
         self.hits += 1
         self.tokens_reused += hit.tokens
         if hit.ram is not None:
-            self._restore(seq_id, hit)
+            self.ram.restore(self.backend, seq_id, hit.ram, hit.tokens)
             return None
         node = hit.node
         if hit.tokens < node.end:
@@ -107,15 +106,6 @@ class PrefixCache:
         self._touch(node)
         self.backend.seq_copy(self._holder(node), seq_id, hit.tokens)
         return node
-
-    def _restore(self, seq_id: int, hit: Hit) -> None:
-        self.ram.take(hit.ram)
-        try:
-            self.backend.seq_restore(seq_id, hit.ram.data)
-        except BackendError:
-            self.backend.seq_remove(seq_id)
-            raise
-        self.backend.seq_remove(seq_id, hit.tokens)  # keep only the matched prefix
 
     # --- keeping KV ----------------------------------------------------------------------------
     def insert(self, seq_id: int, tokens: list[int], shared: Node | None) -> Node | None:

@@ -11,6 +11,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from parallama.batching.token_prefix import common_prefix
+from parallama.sequences import Backend
+from parallama.sequences.backend import BackendError
 
 
 @dataclass(eq=False, slots=True)
@@ -52,6 +54,17 @@ class RamTier:
     def take(self, entry: RamEntry) -> None:
         """The entry goes back into KV cells (and becomes a KV entry again when its sequence is kept)."""
         self._remove(entry)
+
+    def restore(self, backend: Backend, seq_id: int, entry: RamEntry, tokens: int) -> None:
+        """Take ``entry`` out of the tier into ``seq_id``'s cells, keeping its first ``tokens`` (the match).
+        Raises BackendError, with ``seq_id`` left empty, when the cells have no room for it."""
+        self.take(entry)
+        try:
+            backend.seq_restore(seq_id, entry.data)
+        except BackendError:
+            backend.seq_remove(seq_id)
+            raise
+        backend.seq_remove(seq_id, tokens)
 
     def clear(self) -> int:
         """Give all the memory back; returns the bytes freed."""

@@ -24,7 +24,6 @@ from parallama.batching.ram_tier import RamEntry, RamTier
 from parallama.batching.stats import CacheStats
 from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
-from parallama.sequences.backend import BackendError
 
 COPY_MIN_GAIN = RAM_MIN_GAIN  # a copy (a restore or a whole stream) must beat an idle slot's match by this
 
@@ -92,13 +91,7 @@ class SlotCache:
         if hit.slot is not None:
             self._vacate(seq_id, keep=hit.tokens)
         elif hit.ram is not None:
-            self.ram.take(hit.ram)
-            try:
-                self.backend.seq_restore(seq_id, hit.ram.data)
-            except BackendError:
-                self.backend.seq_remove(seq_id)
-                raise
-            self.backend.seq_remove(seq_id, hit.tokens)
+            self.ram.restore(self.backend, seq_id, hit.ram, hit.tokens)
         else:
             self.backend.seq_copy(hit.source, seq_id, hit.tokens)
         self.hits += 1
