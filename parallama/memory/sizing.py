@@ -136,6 +136,7 @@ class SizingPlan:
     budget_cells: int  # the most cells the memory would have allowed
     cache_types: str = "f16"
     cache_ram_bytes: int = 0  # host RAM set aside for the prefix cache's second tier
+    overcommit: int = OVERCOMMIT  # the rule the plan was made under (SizingInput.overcommit)
 
     @property
     def parallel(self) -> int:
@@ -280,6 +281,7 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
         budget_cells=budget,
         cache_types=inp.cache_types,
         cache_ram_bytes=cache_ram(inp, reading),
+        overcommit=inp.overcommit,
     )
 
 

@@ -9,7 +9,7 @@ from parallama.batching import Engine, EngineConfig
 from parallama.memory import cpus
 from parallama.memory.degradation import DegradationConfig, DegradationController
 from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe, auto_reserve
-from parallama.memory.sizing import OVERCOMMIT, SizingInput, SizingPlan, plan_sizing
+from parallama.memory.sizing import SizingInput, SizingPlan, plan_sizing
 from parallama.sequences.config import ContextConfig, ModelConfig
 from parallama.sequences.llama_backend import LlamaBackend
 from parallama.sequences.model import LlamaModel, gpu_offload_supported
@@ -79,7 +79,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         ctx_size=settings.ctx_size,
         max_cells=backend.n_ctx,
         max_cap=plan.parallel,
-        overcommit=OVERCOMMIT if settings.kv_unified else 1,
+        overcommit=plan.overcommit,
         gpu_fraction=plan.gpu_fraction,
         probe_interval=settings.memory_check_interval,
         recover_after=settings.recover_after,
