@@ -186,6 +186,8 @@ class Scheduler:
     def _admit(self, cap: int) -> None:
         while self.waiting:
             group = self.waiting[0]
+            if len(group) > len(self.free_ids):
+                break  # before the lookup: with every slot taken there is nothing to look up for
             hit = self._lookup(group)
             if self._wait_for_shared_prefill(group, hit) or not self._can_admit(group, cap, hit):
                 break
@@ -207,8 +209,7 @@ class Scheduler:
                     f.copy_from = leader
 
     def _can_admit(self, group: list[Sequence], cap: int, hit: Hit | None) -> bool:
-        if len(group) > len(self.free_ids):
-            return False
+        """Free slots are checked first, in _admit."""
         if not self.running:
             return True  # an idle engine always takes the head of the queue, so nothing waits forever
         if len(self.running) + len(group) > cap:

@@ -37,7 +37,6 @@ class SlotHit:
     slot: int | None = None
     ram: RamEntry | None = None
     source: int | None = None
-    node: None = None  # the unified cache's shared node: never, cells are not shared here
 
 
 class SlotCache:
