@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from cache_stepping import drain_checked, letters
 
 from parallama.batching.prefix_cache import MIN_REUSE
 from parallama.batching.scheduler import Scheduler, SchedulerConfig
@@ -56,20 +57,7 @@ def walk(node):
 
 
 def drain(sched: Scheduler, limit: int = 500) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for _ in range(limit):
-        if not sched.has_work:
-            break
-        for request_id, event in sched.step().events:
-            out.setdefault(request_id, []).extend(event.token_ids)
-        check(sched)
-    assert not sched.has_work
-    assert sched.backend.cells_used == sched.kv_cells_cached(), "with nothing running, only the cache holds cells"
-    return out
-
-
-def letters(sched: Scheduler, tokens: list[int]) -> str:
-    return "".join(sched.backend.token_bytes(t).decode() for t in tokens)
+    return drain_checked(sched, check, limit)
 
 
 def decoded_from(sched: Scheduler, since: int, seq_id: int = 0) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from cache_stepping import drain_checked, letters
+
 from parallama.batching.scheduler import Scheduler, SchedulerConfig
 from parallama.batching.sequence import Request
 from parallama.batching.slot_cache import SlotCache
@@ -49,20 +51,7 @@ def check(sched: Scheduler) -> None:
 
 
 def drain(sched: Scheduler, limit: int = 2000) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for _ in range(limit):
-        if not sched.has_work:
-            break
-        for request_id, event in sched.step().events:
-            out.setdefault(request_id, []).extend(event.token_ids)
-        check(sched)
-    assert not sched.has_work
-    assert sched.backend.cells_used == sched.kv_cells_cached(), "with nothing running, only the cache holds cells"
-    return out
-
-
-def letters(sched: Scheduler, tokens: list[int]) -> str:
-    return "".join(sched.backend.token_bytes(t).decode() for t in tokens)
+    return drain_checked(sched, check, limit)
 
 
 def prefill_tokens(sched: Scheduler, since: int = 0) -> int:
