@@ -18,7 +18,7 @@ from parallama.sequences.backend import BackendError
 @dataclass(eq=False, slots=True)
 class RamEntry:
     tokens: list[int]  # what the saved cells hold, from position 0
-    data: bytes
+    data: bytearray  # what Backend.seq_save returned
     last_used: int = 0
 
 
@@ -29,7 +29,7 @@ class RamTier:
     num_bytes: int = 0
     _clock: itertools.count = field(default_factory=lambda: itertools.count(1))
 
-    def put(self, tokens: list[int], data: bytes) -> bool:
+    def put(self, tokens: list[int], data: bytearray) -> bool:
         """Keep a copy if it fits the budget (evicting older copies); a shorter copy of the same
         conversation (a prefix of this one) is dropped: this one serves it too."""
         if len(data) > self.budget_bytes:

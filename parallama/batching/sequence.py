@@ -80,7 +80,7 @@ class Sequence:
     followers: list[Sequence] = field(default_factory=list)  # members waiting on this leader
     admitted: int = -1  # admission order; the newest is preempted first
     last_logprob: TokenLogprob | None = None  # of the last token in ``output``, when asked for
-    parked: bytes | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
+    parked: bytearray | None = None  # KV state saved in host memory while preempted (llama_state_seq_*)
     parked_tokens: int = 0
     finish_reason: FinishReason | None = None
     first_token_at: float | None = None  # time.monotonic() of its first sample (latency metrics)

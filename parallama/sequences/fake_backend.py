@@ -194,10 +194,10 @@ class FakeBackend:
             self._cell_refs[cell] += 1
         self._seq_cells[dst] = list(copied)
 
-    def seq_save(self, seq_id: int) -> bytes:
-        return bytes(self.kv_tokens(seq_id))
+    def seq_save(self, seq_id: int) -> bytearray:
+        return bytearray(self.kv_tokens(seq_id))
 
-    def seq_restore(self, seq_id: int, data: bytes) -> None:
+    def seq_restore(self, seq_id: int, data: bytearray) -> None:
         self.seq_remove(seq_id)
         room = self.n_ctx - self.cells_used if self.kv_unified else self.n_ctx_seq
         if len(data) > room:
