@@ -311,16 +311,19 @@ def add_sizing_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--parallel", type=int, default=8, help="sequences (llama-server slots) at once")
     ap.add_argument("--ctx-size", type=int, default=4096, help="context of ONE sequence / slot")
     ap.add_argument("--threads", type=int, default=2, help="server threads")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="given to both servers (llama-server -fa); auto: each server's own choice (llama-server's "
+                         "is on; parallama's is off on the CPU with a stream per sequence)")
 
 
 def start_server(kind: str, args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
     """A context manager that runs the server ``kind`` sized by args and yields its base URL."""
     port = free_port()
     if kind == "parallama":
-        command = parallama_command(port, args.parallel, args.ctx_size, args.threads)
+        command = parallama_command(port, args.parallel, args.ctx_size, args.threads) + ["--flash-attn", args.flash_attn]
     else:
         command = llama_server_command(args.llama_server, args.model or default_model_path(), port,
-                                       args.parallel, args.ctx_size, args.threads)
+                                       args.parallel, args.ctx_size, args.threads) + ["-fa", args.flash_attn]
     return running_server(command, port, kind)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from parallama.batching import Engine, EngineConfig  # noqa: E402
 from parallama.sequences import SamplingParams  # noqa: E402
-from parallama.sequences.config import ContextConfig, ModelConfig  # noqa: E402
+from parallama.sequences.config import ContextConfig, ModelConfig, use_flash_attn  # noqa: E402
 from parallama.sequences.llama_backend import LlamaBackend, context_params  # noqa: E402
 from parallama.sequences.model import LlamaModel  # noqa: E402
 from parallama.sequences.model_file import resolve_model_path  # noqa: E402
@@ -104,7 +104,9 @@ def context_config(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[
     """The same context for engine and raw: n_seq_max = N, cells = N x (prompt + max_tokens + margin)."""
     per_seq = max(map(len, prompts)) + args.max_tokens + args.margin
     n = len(prompts)
-    return ContextConfig(n_ctx=n * per_seq, n_seq_max=n, n_batch=args.n_batch, n_threads=args.threads), per_seq
+    # flash attention as `parallama serve` picks it for this model on the CPU (streams, f16 cache)
+    return ContextConfig(n_ctx=n * per_seq, n_seq_max=n, n_batch=args.n_batch, n_threads=args.threads,
+                         flash_attn=use_flash_attn("auto", True, False, "f16")), per_seq
 
 
 # --- the raw loop -----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from _client import rnd as _r  # noqa: E402
 from parallama.batching import Engine, EngineConfig  # noqa: E402
 from parallama.memory.sizing import SeqLayout, seq_layout  # noqa: E402
 from parallama.sequences import SamplingParams  # noqa: E402
-from parallama.sequences.config import ContextConfig, ModelConfig  # noqa: E402
+from parallama.sequences.config import ContextConfig, ModelConfig, use_flash_attn  # noqa: E402
 from parallama.sequences.llama_backend import LlamaBackend  # noqa: E402
 from parallama.sequences.model import LlamaModel  # noqa: E402
 from parallama.sequences.model_file import default_model_path  # noqa: E402
@@ -152,7 +152,8 @@ def context_config(args: argparse.Namespace) -> ContextConfig:
     """What ``parallama serve --parallel P --ctx-size N --kv-size P*N --threads T`` builds."""
     # The server's context: the prefix cache's seq_ids beside the slots (on by default, as in the server).
     return ContextConfig(n_ctx=args.parallel * args.ctx_size, n_seq_max=server_layout(args).n_seq_max,
-                         n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=args.threads)
+                         n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=args.threads,
+                         flash_attn=use_flash_attn(args.flash_attn, True, False, "f16"))  # as the server picks it
 
 
 def server_layout(args: argparse.Namespace) -> SeqLayout:
@@ -219,12 +220,12 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
     if args.server == "llama-server":  # its -c is the total context, split evenly among the -np slots
         return [args.llama_server, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
                 "-np", str(args.parallel), "-c", str(args.parallel * args.ctx_size), "-b", str(args.batch_size),
-                "-ub", str(args.batch_size), "--threads", str(args.threads)]
+                "-ub", str(args.batch_size), "--threads", str(args.threads), "-fa", args.flash_attn]
     return [sys.executable, "-m", "parallama.server.cli", "serve", "--port", str(port),
             "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
             "--kv-size", str(args.parallel * args.ctx_size), "--batch-size", str(args.batch_size),
             "--ubatch-size", str(args.batch_size), "--threads", str(args.threads),
-            "--memory-reserve", args.memory_reserve, "--log-level", "warning"]
+            "--memory-reserve", args.memory_reserve, "--log-level", "warning", "--flash-attn", args.flash_attn]
 
 
 def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
@@ -400,6 +401,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--parallel", type=int, default=16, help="server --parallel (n_seq_max)")
     ap.add_argument("--ctx-size", type=int, default=512, help="server --ctx-size; KV cells = parallel x ctx-size")
     ap.add_argument("--batch-size", type=int, default=512, help="n_batch (and n_ubatch)")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="given to both servers (llama-server -fa); auto: each server's own choice")
     ap.add_argument("--memory-reserve", default="256MiB", help="server --memory-reserve (sizing only)")
     ap.add_argument("--server", choices=("parallama", "llama-server"), default="parallama",
                     help="which server the HTTP levels run against")

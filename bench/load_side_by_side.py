@@ -30,7 +30,7 @@ import engine_bench  # noqa: E402
 import load_bench  # noqa: E402
 from load_bench import default_model_path, model_facts, progress, run_server_levels  # noqa: E402
 
-from parallama.sequences.config import ContextConfig, ModelConfig  # noqa: E402
+from parallama.sequences.config import ContextConfig, ModelConfig, use_flash_attn  # noqa: E402
 from parallama.sequences.model import LlamaModel  # noqa: E402
 
 SERVERS = ("llama-server", "parallama")
@@ -45,7 +45,8 @@ def raw_ceiling(args: argparse.Namespace) -> dict[int, float]:
         for c in args.concurrency:
             prompts = engine_bench.make_prompts(model, c)
             config = ContextConfig(n_ctx=c * args.ctx_size, n_seq_max=c, n_batch=args.batch_size,
-                                   n_ubatch=args.batch_size, n_threads=args.threads)
+                                   n_ubatch=args.batch_size, n_threads=args.threads,
+                                   flash_attn=use_flash_attn(args.flash_attn, True, False, "f16"))  # as parallama's
             runs = [engine_bench.raw_measure(model, config, prompts, args.max_tokens, banned) for _ in range(2)]
             out[c] = round(max(r.tok_s for r in runs), 1)
             progress(f"raw C={c}: {out[c]} tok/s")

@@ -17,6 +17,7 @@ from parallama.memory.sizing import (
     SeqLayout,
     SizingPlan,
     compute_bytes,
+    kq_bytes,
     plan_sizing,
 )
 
@@ -417,3 +418,37 @@ def test_parallel_that_leaves_no_id_for_the_cache_is_refused_in_flag_terms():
         plan_sizing(model(parallel=16, n_batch=16, prefix_cache=True), ram(1_000_000))
     with pytest.raises(SizingError, match=r"--parallel 32 exceeds --batch-size 16"):
         plan_sizing(model(parallel=32, n_batch=16, prefix_cache=True), ram(1_000_000))
+
+
+# --- flash attention ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kv_unified", "cells", "measured_mib"), [(False, 8 * 4096, 99.38), (True, 32768, 646.38)])
+def test_without_flash_attention_the_estimate_covers_the_kq_matrix(kv_unified, cells, measured_mib):
+    # llama.cpp's CPU compute buffer for SmolLM2-135M (9 heads, n_vocab 49152) with flash attention off, n_batch 512:
+    # 8 streams of 4,096 cells, and one unified pool of 32,768 cells for 16 sequences; plus the output buffer.
+    inp = SizingInput(weights_bytes=0, kv_bytes_per_token=KV, ctx_size=4096 if not kv_unified else 2048,
+                      n_vocab=49152, kv_size=cells, kv_unified=kv_unified, flash_attn=False, n_head=9)
+    attended = 4096 if not kv_unified else cells
+    estimate = compute_bytes(512, 49152, 16) + kq_bytes(inp, attended)
+    assert int((measured_mib + 3) * MiB) <= estimate
+    assert kq_bytes(SizingInput(**{**_fields(inp), "flash_attn": True}), attended) == 0
+
+
+def _fields(inp: SizingInput) -> dict:
+    return {name: getattr(inp, name) for name in SizingInput.__dataclass_fields__}
+
+
+def test_a_unified_pool_without_flash_attention_leaves_room_for_its_kq_matrix():
+    with_fa = plan_sizing(model(kv_unified=True, n_head=32), ram(8192))
+    without = plan_sizing(model(kv_unified=True, n_head=32, flash_attn=False), ram(8192))
+    # KQ: 512 tokens x 32 heads x 4 bytes per cell of the pool = 64 KiB, as much as a cell of KV here: half the cells
+    assert (with_fa.kv_cells, without.kv_cells) == (8192, 4096)
+    assert without.compute_bytes == compute_bytes(512, VOCAB, without.layout.n_seq_max) + 4 * 512 * 32 * 4096
+    assert "; flash attention off" in without.describe() and "flash" not in with_fa.describe()
+
+
+def test_streams_without_flash_attention_count_one_streams_kq_matrix():
+    with_fa = plan_sizing(model(kv_unified=False, n_head=32, parallel=2), ram(8192))
+    without = plan_sizing(model(kv_unified=False, n_head=32, parallel=2, flash_attn=False), ram(8192))
+    assert without.compute_bytes - with_fa.compute_bytes == 4 * 512 * 32 * CTX  # a token sees its stream only

@@ -37,8 +37,9 @@ CACHE_IDS_PER_SLOT = 3  # prefix-cache entries kept per running sequence: room f
 # 32,768 cells. That is the f32 logits of a full micro-batch (n_ubatch x n_vocab x 4) plus ~4.5 KiB of
 # activations per batch token. The output buffer holds one logits row per sequence (3 MiB for 16).
 # The estimate keeps 32 KiB of activations per token (n_embd up to ~4096) and a fixed 32 MiB for graph
-# metadata and staging. Not modelled: attention without flash attention, whose KQ matrix grows with
-# n_batch x KV cells.
+# metadata and staging. Without flash attention the KQ matrix is materialised too: f32, n_batch x heads x
+# the cells a token attends to (its stream, or the whole unified pool); llama.cpp may overlap it with the
+# logits (99.4 MiB at 8 streams of 4,096 cells), but not always (646 MiB for a unified pool of 32,768).
 COMPUTE_PER_BATCH_TOKEN = 32 * KiB
 COMPUTE_FIXED = 32 * MiB
 
@@ -101,6 +102,8 @@ class SizingInput:
     prefix_cache: bool = False  # keep finished sequences' KV for later prompts
     kv_unified: bool = True  # one pool of cells (overcommit allowed, cache ids beyond the slots); else streams
     cache_ram_bytes: int | None = 0  # the prefix cache's host-RAM tier; None: auto (see cache_ram)
+    flash_attn: bool = True  # False: the compute buffers hold the KQ matrix (see COMPUTE_PER_BATCH_TOKEN)
+    n_head: int = 1  # attention heads: the KQ matrix's size without flash attention
 
     @property
     def overcommit(self) -> int:
@@ -113,7 +116,7 @@ class SizingInput:
         return 1 if self.prefix_cache and self.kv_unified else 0
 
     def __post_init__(self) -> None:
-        for name in ("kv_bytes_per_token", "ctx_size", "n_vocab", "n_layer", "max_parallel", "n_batch"):
+        for name in ("kv_bytes_per_token", "ctx_size", "n_vocab", "n_layer", "max_parallel", "n_batch", "n_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weights_bytes", "reserve_bytes"):
@@ -137,6 +140,7 @@ class SizingPlan:
     cache_types: str = "f16"
     cache_ram_bytes: int = 0  # host RAM set aside for the prefix cache's second tier
     overcommit: int = OVERCOMMIT  # the rule the plan was made under (SizingInput.overcommit)
+    flash_attn: bool = True  # as SizingInput.flash_attn: the compute buffers were sized for it
 
     @property
     def parallel(self) -> int:
@@ -162,6 +166,7 @@ class SizingPlan:
             f"{format_size(self.kv_bytes)} ({self.cache_types}) + {format_size(self.weights_bytes)} weights; "
             f"{self._free_text()}; reserve {format_size(self.reserve_bytes)}"
             + (f"; prefix cache RAM {format_size(self.cache_ram_bytes)}" if self.cache_ram_bytes else "")
+            + ("" if self.flash_attn else "; flash attention off")
         )
 
     def _free_text(self) -> str:
@@ -189,6 +194,12 @@ def compute_bytes(n_batch: int, n_vocab: int, n_seq_max: int) -> int:
     return logits + COMPUTE_PER_BATCH_TOKEN * n_batch + COMPUTE_FIXED
 
 
+def kq_bytes(inp: SizingInput, attended: int) -> int:
+    """The KQ matrix attention materialises without flash attention: f32, n_batch tokens x heads x the
+    ``attended`` cells each token sees (its stream, ctx_size; or every cell of a unified pool)."""
+    return 0 if inp.flash_attn else 4 * inp.n_batch * inp.n_head * attended
+
+
 def gpu_fraction(inp: SizingInput, reading: MemoryReading) -> Fraction:
     """Share of layers on the GPUs. No visible GPU means llama.cpp keeps everything on the host."""
     if not reading.gpus or inp.n_gpu_layers == 0:
@@ -209,13 +220,14 @@ class _Pool:
     compute: int
     reserve: int
     cache_ram: int = 0  # the prefix cache's RAM tier (host pool only)
+    per_cell: int = 0  # compute bytes each KV cell adds (a unified pool's KQ matrix without flash attention)
 
     @property
     def budget(self) -> int:
         return self.free - self.reserve - self.weights - self.compute - self.cache_ram
 
     def cells(self, kv_bytes_per_token: int) -> int:
-        return max(0, int(self.budget // (self.share * kv_bytes_per_token)))
+        return max(0, int(self.budget // (self.share * kv_bytes_per_token + self.per_cell)))
 
     def room_text(self) -> str:
         return (
@@ -230,16 +242,18 @@ def _pools(inp: SizingInput, reading: MemoryReading, n_seq_max: int) -> list[_Po
     """The pools that hold part of the KV cache. The GPUs get the compute buffers when they run layers;
     the host then keeps only its staging share (COMPUTE_FIXED)."""
     frac = gpu_fraction(inp, reading)
-    compute = compute_bytes(inp.n_batch, inp.n_vocab, n_seq_max)
+    # Without flash attention a stream's KQ matrix is a fixed size; a unified pool's grows with its cells.
+    per_cell = kq_bytes(inp, 1) if inp.kv_unified else 0
+    compute = compute_bytes(inp.n_batch, inp.n_vocab, n_seq_max) + (0 if inp.kv_unified else kq_bytes(inp, inp.ctx_size))
     pools = []
     if frac > 0:
         weights = int(inp.weights_bytes * frac)
-        pools.append(_Pool("GPU", reading.gpu_free, frac, weights, compute, inp.reserve_bytes))
+        pools.append(_Pool("GPU", reading.gpu_free, frac, weights, compute, inp.reserve_bytes, per_cell=per_cell))
     if frac < 1:
         weights = inp.weights_bytes - int(inp.weights_bytes * frac)
-        host_compute = compute if frac == 0 else COMPUTE_FIXED
+        host_compute, host_per_cell = (compute, per_cell) if frac == 0 else (COMPUTE_FIXED, 0)
         pools.append(_Pool("RAM", reading.host_free, 1 - frac, weights, host_compute, inp.reserve_bytes,
-                           cache_ram(inp, reading)))
+                           cache_ram(inp, reading), host_per_cell))
     return pools
 
 
@@ -273,7 +287,8 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
         ctx_size=inp.ctx_size,
         kv_bytes_per_token=inp.kv_bytes_per_token,
         weights_bytes=inp.weights_bytes,
-        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, layout.n_seq_max),
+        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, layout.n_seq_max)
+        + kq_bytes(inp, cells if inp.kv_unified else inp.ctx_size),
         host_free=reading.host_free,
         gpu_free=reading.gpu_free if frac > 0 else 0,
         gpu_fraction=frac,
@@ -282,6 +297,7 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
         cache_types=inp.cache_types,
         cache_ram_bytes=cache_ram(inp, reading),
         overcommit=inp.overcommit,
+        flash_attn=inp.flash_attn,
     )
 
 

@@ -58,6 +58,7 @@ class ModelFacts:
     n_vocab: int
     n_ctx_train: int
     n_layer: int
+    n_head: int  # attention heads (the KQ matrix's size without flash attention)
     weights_bytes: int
     kv_bytes_per_token: int  # K and V of one token across all layers, at the chosen cache types
     chat_template: str | None

@@ -117,7 +117,7 @@ class FakeBackend:
     def __post_init__(self) -> None:
         self._max_streams = self.n_seq_max
         self.facts = ModelFacts(
-            name="fake", path="fake.gguf", n_vocab=VOCAB, n_ctx_train=4096, n_layer=1,
+            name="fake", path="fake.gguf", n_vocab=VOCAB, n_ctx_train=4096, n_layer=1, n_head=1,
             weights_bytes=1 << 20, kv_bytes_per_token=1024, chat_template=None, bos_token="", eos_token="",
         )
 

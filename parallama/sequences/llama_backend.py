@@ -15,6 +15,7 @@ from parallama.sequences.params import SamplingParams
 from parallama.sequences.sampling import LlamaSampler
 
 log = logging.getLogger(__name__)
+FLASH_ATTN_TYPE = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
 
 
 def context_params(config: ContextConfig) -> llama_cpp.llama_context_params:
@@ -28,6 +29,7 @@ def context_params(config: ContextConfig) -> llama_cpp.llama_context_params:
     params.type_k = CACHE_TYPES[config.cache_type_k][0]
     params.type_v = CACHE_TYPES[config.cache_type_v][0]
     params.kv_unified = config.kv_unified
+    params.flash_attn_type = FLASH_ATTN_TYPE[config.flash_attn]
     params.no_perf = True
     return params
 

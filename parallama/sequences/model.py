@@ -122,6 +122,7 @@ class LlamaModel:
             n_vocab=self.n_vocab,
             n_ctx_train=llama_cpp.llama_model_n_ctx_train(self.ptr),
             n_layer=llama_cpp.llama_model_n_layer(self.ptr),
+            n_head=max(1, llama_cpp.llama_model_n_head(self.ptr)),
             weights_bytes=llama_cpp.llama_model_size(self.ptr),
             kv_bytes_per_token=self.kv_bytes_per_token(cache_type_k, cache_type_v),
             chat_template=template.decode("utf-8") if template else None,

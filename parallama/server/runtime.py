@@ -10,7 +10,7 @@ from parallama.memory import cpus
 from parallama.memory.degradation import DegradationConfig, DegradationController
 from parallama.memory.probes import MemoryProbe, MemoryReading, SystemProbe, auto_reserve
 from parallama.memory.sizing import SizingInput, SizingPlan, plan_sizing
-from parallama.sequences.config import ContextConfig, ModelConfig
+from parallama.sequences.config import ContextConfig, ModelConfig, use_flash_attn
 from parallama.sequences.llama_backend import LlamaBackend
 from parallama.sequences.model import LlamaModel, gpu_offload_supported
 from parallama.sequences.model_file import resolve_model_path
@@ -28,6 +28,7 @@ def default_threads() -> int:
 
 def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: MemoryReading) -> SizingPlan:
     facts = model.facts(settings.cache_type_k, settings.cache_type_v)
+    cpu_only = n_gpu_layers == 0 or not reading.gpus
     cache_types = settings.cache_type_k if settings.cache_type_k == settings.cache_type_v else (
         f"{settings.cache_type_k}/{settings.cache_type_v}")
     return plan_sizing(SizingInput(
@@ -46,6 +47,8 @@ def size(settings: Settings, model: LlamaModel, n_gpu_layers: int, reading: Memo
         prefix_cache=settings.prefix_cache,
         kv_unified=settings.kv_unified,
         cache_ram_bytes=settings.cache_ram_bytes,
+        flash_attn=use_flash_attn(settings.flash_attn, cpu_only, settings.kv_unified, settings.cache_type_v),
+        n_head=facts.n_head,
     ), reading)
 
 
@@ -71,6 +74,7 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
         cache_type_k=settings.cache_type_k,
         cache_type_v=settings.cache_type_v,
         kv_unified=settings.kv_unified,
+        flash_attn=plan.flash_attn,
     )
     backend = LlamaBackend(model, context)
     controller = DegradationController(DegradationConfig(
@@ -89,8 +93,9 @@ def build(settings: Settings, probe: MemoryProbe | None = None) -> Served:
     engine.start()
     names = ModelNames.from_alias(settings.model_alias, path.stem)
     model_id = names.model_id
-    log.info("serving %s: %s; n_batch %d, %d threads, %s", model_id, plan.describe(), context.n_batch,
-             context.n_threads, f"{n_gpu_layers} GPU layers" if n_gpu_layers else "CPU only")
+    log.info("serving %s: %s; n_batch %d, %d threads, flash attention %s, %s", model_id, plan.describe(),
+             context.n_batch, context.n_threads, "on" if context.flash_attn else "off",
+             f"{n_gpu_layers} GPU layers" if n_gpu_layers else "CPU only")
     facts = backend.facts
     template = ChatTemplate(facts.chat_template, facts.bos_token, facts.eos_token)
     return Served(engine, names, settings.ctx_size, plan.describe(), template, int(time.time()),

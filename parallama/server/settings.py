@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from parallama.memory.probes import parse_size
+from parallama.sequences.config import PLAIN_CACHE_TYPES
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads (default: the physical cores this process may run on, at most the container's CPU quota)")
     cache_type_k: CacheType = Field("f16", description="K cache type")
     cache_type_v: CacheType = Field("f16", description="V cache type (quantized types need flash attention)")
+    flash_attn: Literal["auto", "on", "off"] = Field("auto", description="flash attention; auto: off when the model runs on the CPU alone with a KV stream per sequence and an f16/f32/bf16 V cache (there llama.cpp's flash-attention kernel slows decoding as contexts grow), on otherwise")
     # serving
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -58,6 +60,12 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra Host header names accepted while bound to loopback (comma-separated)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="web origins (scheme://host:port) whose pages may call this server from a browser (comma-separated; '*' allows any). The server's own page at / needs none")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _v_cache_needs_flash_attn(self) -> Settings:
+        if self.flash_attn == "off" and self.cache_type_v not in PLAIN_CACHE_TYPES:
+            raise ValueError(f"--cache-type-v {self.cache_type_v} needs flash attention: use --flash-attn on or auto")
+        return self
 
     @field_validator("parallel", "kv_size", mode="before")
     @classmethod
