@@ -116,6 +116,24 @@ def test_a_slot_taken_for_other_work_saves_its_conversation_to_ram_and_it_comes_
     assert sched.cache.ram.num_bytes == 0 or all(e.tokens != saved for e in sched.cache.ram.entries)
 
 
+def test_a_restore_is_taken_when_the_tokens_it_saves_are_worth_the_cells_it_copies():
+    from parallama.batching.slot_cache import CELLS_PER_TOKEN, copy_pays
+
+    assert copy_pays(1, CELLS_PER_TOKEN) and not copy_pays(1, CELLS_PER_TOKEN + 1) and not copy_pays(0, 1)
+    sched = make(slots=1, cache_ram=10_000)
+    short = add(sched, "short", SYSTEM + "hello", max_tokens=70)  # its answer makes the saved tail worth saving
+    drain(sched)
+    add(sched, "other", SYSTEM + "zz", max_tokens=70)  # runs in the slot: keeps SYSTEM, saves short's rest to RAM
+    drain(sched)
+    (entry,) = sched.cache.ram.entries
+    assert letters(sched, entry.tokens).startswith(SYSTEM + "hello")
+    # The slot matches SYSTEM; the entry matches 5 tokens more and holds ~150 cells: a restore pays
+    again = add(sched, "again", SYSTEM + "hello" + "q")
+    drain(sched)
+    assert again.cached_tokens == len(SYSTEM) + 5  # restored, not computed from the slot's match
+    assert copy_pays(5, len(entry.tokens)) and not copy_pays(5, 5 * CELLS_PER_TOKEN + 1)
+
+
 def test_a_trimmed_slot_saves_the_tail_it_loses_to_ram():
     sched = make(slots=1, cache_ram=10_000)
     add(sched, "a", SYSTEM + "abcdefghijklmnopqrstuvwxyz" * 3, max_tokens=3)

@@ -10,6 +10,7 @@ take other work first saves what it holds to the host-RAM tier. A new request ge
 - an idle slot whose stream holds the longest prefix of its prompt: it runs there, the rest trimmed;
 - a RAM entry that matches further: restored into an idle slot (a copy of the used cells only);
 - a running sequence's computed prompt (a fan-out sharing a system prompt): its stream copied whole;
+  (a copy is taken when the tokens it saves are worth the cells it moves: copy_pays)
 - else the idle slot holding the least recently used content, and it computes everything.
 """
 
@@ -25,7 +26,14 @@ from parallama.batching.stats import CacheStats
 from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
 
-COPY_MIN_GAIN = RAM_MIN_GAIN  # a copy (a restore or a whole stream) must beat an idle slot's match by this
+# Copying KV costs far less than computing it: a restore from RAM or a copy between streams moves 2,000
+# cells in 8-30 ms here, where one prompt token costs 4-6 ms to compute (SmolLM2, 2 CPU threads). A copy
+# of N cells is taken when it saves at least N / CELLS_PER_TOKEN tokens over the best match in place.
+CELLS_PER_TOKEN = 256
+
+
+def copy_pays(tokens_saved: int, cells_copied: int) -> bool:
+    return tokens_saved > 0 and tokens_saved * CELLS_PER_TOKEN >= cells_copied
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +74,11 @@ class SlotCache:
                 best = SlotHit(n, slot=seq_id)
         if self.ram is not None:
             entry, m = self.ram.match(prompt, limit)
-            if entry is not None and m >= best.tokens + COPY_MIN_GAIN:
+            if entry is not None and copy_pays(m - best.tokens, len(entry.tokens)):
                 best = SlotHit(m, ram=entry)
         for seq_id, tokens in running:
             n = common_prefix(tokens, prompt, 0, limit)
-            if n >= best.tokens + (COPY_MIN_GAIN if best.slot is not None else 1):
+            if copy_pays(n - best.tokens, self.backend.n_ctx_seq):  # a stream is copied whole
                 best = SlotHit(n, source=seq_id)
         return best if best.tokens >= MIN_REUSE else None
 
