@@ -134,6 +134,23 @@ def test_a_restore_is_taken_when_the_tokens_it_saves_are_worth_the_cells_it_copi
     assert copy_pays(5, len(entry.tokens)) and not copy_pays(5, 5 * CELLS_PER_TOKEN + 1)
 
 
+def test_a_ram_entry_restored_in_part_stays_for_the_conversation_it_holds():
+    sched = make(slots=1, cache_ram=10_000)
+    add(sched, "a", SYSTEM + "hello", max_tokens=70)
+    answer = letters(sched, drain(sched)["a"])
+    add(sched, "b", SYSTEM + "zz", max_tokens=70)  # takes the slot: a's conversation goes to RAM
+    drain(sched)
+    (entry,) = sched.cache.ram.entries
+    part = add(sched, "c", SYSTEM + "help")  # shares SYSTEM + "hel" with a's entry: restored in part
+    drain(sched)
+    assert part.cached_tokens == len(SYSTEM) + 3
+    assert entry in sched.cache.ram.entries  # still there for a
+    back = add(sched, "a2", SYSTEM + "hello" + answer + "more")
+    drain(sched)
+    assert back.cached_tokens == len(entry.tokens)  # a's whole conversation came back
+    assert entry not in sched.cache.ram.entries  # restored whole: its sequence carries it on
+
+
 def test_a_trimmed_slot_saves_the_tail_it_loses_to_ram():
     sched = make(slots=1, cache_ram=10_000)
     add(sched, "a", SYSTEM + "abcdefghijklmnopqrstuvwxyz" * 3, max_tokens=3)

@@ -14,6 +14,8 @@ from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
 from parallama.sequences.backend import BackendError
 
+MIN_SAVED_TAIL = 64  # tokens a saved copy must hold beyond what stays in the cells, to be worth its RAM
+
 
 @dataclass(eq=False, slots=True)
 class RamEntry:
@@ -51,14 +53,15 @@ class RamTier:
                 best, best_len = entry, k
         return best, best_len
 
-    def take(self, entry: RamEntry) -> None:
-        """The entry goes back into KV cells (and becomes a KV entry again when its sequence is kept)."""
-        self._remove(entry)
-
     def restore(self, backend: Backend, seq_id: int, entry: RamEntry, tokens: int) -> None:
-        """Take ``entry`` out of the tier into ``seq_id``'s cells, keeping its first ``tokens`` (the match).
-        Raises BackendError, with ``seq_id`` left empty, when the cells have no room for it."""
-        self.take(entry)
+        """Copy ``entry`` into ``seq_id``'s cells, keeping its first ``tokens`` (the match). The entry leaves the
+        tier when the match takes (nearly) all of it, as its sequence carries it on; matched in part, it
+        stays, since the rest is still some conversation's. Raises BackendError, with ``seq_id`` left empty,
+        when the cells have no room for it."""
+        if len(entry.tokens) - tokens < MIN_SAVED_TAIL:
+            self._remove(entry)
+        else:
+            entry.last_used = next(self._clock)
         try:
             backend.seq_restore(seq_id, entry.data)
         except BackendError:

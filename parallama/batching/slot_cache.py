@@ -20,8 +20,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from parallama.batching.prefix_cache import MIN_REUSE, RAM_MIN_GAIN
-from parallama.batching.ram_tier import RamEntry, RamTier
+from parallama.batching.prefix_cache import MIN_REUSE
+from parallama.batching.ram_tier import MIN_SAVED_TAIL, RamEntry, RamTier
 from parallama.batching.stats import CacheStats
 from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
@@ -120,7 +120,7 @@ class SlotCache:
         self._used.pop(seq_id, None)
         if tokens is None:
             return
-        if len(tokens) - keep >= RAM_MIN_GAIN:
+        if len(tokens) - keep >= MIN_SAVED_TAIL:
             self.evictions += 1
             if self.ram is not None:
                 self.ram.put(tokens, self.backend.seq_save(seq_id))
