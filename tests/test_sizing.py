@@ -430,10 +430,9 @@ def test_without_flash_attention_the_estimate_covers_the_kq_matrix(kv_unified, c
     # 8 streams of 4,096 cells, and one unified pool of 32,768 cells for 16 sequences; plus the output buffer.
     inp = SizingInput(weights_bytes=0, kv_bytes_per_token=KV, ctx_size=4096 if not kv_unified else 2048,
                       n_vocab=49152, kv_size=cells, kv_unified=kv_unified, flash_attn=False, n_head=9)
-    attended = 4096 if not kv_unified else cells
-    estimate = compute_bytes(512, 49152, 16) + kq_bytes(inp, attended)
+    estimate = compute_bytes(512, 49152, 16) + kq_bytes(inp, cells)  # a stream's 4,096 cells, or the pool's
     assert int((measured_mib + 3) * MiB) <= estimate
-    assert kq_bytes(dataclasses.replace(inp, flash_attn=True), attended) == 0
+    assert kq_bytes(dataclasses.replace(inp, flash_attn=True), cells) == 0
 
 
 def test_a_unified_pool_without_flash_attention_leaves_room_for_its_kq_matrix():

@@ -194,9 +194,10 @@ def compute_bytes(n_batch: int, n_vocab: int, n_seq_max: int) -> int:
     return logits + COMPUTE_PER_BATCH_TOKEN * n_batch + COMPUTE_FIXED
 
 
-def kq_bytes(inp: SizingInput, attended: int) -> int:
-    """The KQ matrix attention materialises without flash attention: f32, n_batch tokens x heads x the
-    ``attended`` cells each token sees (its stream, ctx_size; or every cell of a unified pool)."""
+def kq_bytes(inp: SizingInput, cells: int) -> int:
+    """The KQ matrix attention materialises without flash attention, for a KV cache of ``cells``: f32,
+    n_batch tokens x heads x the cells each token sees (its stream, ctx_size; or every cell of a unified pool)."""
+    attended = cells if inp.kv_unified else inp.ctx_size
     return 0 if inp.flash_attn else 4 * inp.n_batch * inp.n_head * attended
 
 
@@ -243,8 +244,9 @@ def _pools(inp: SizingInput, reading: MemoryReading, n_seq_max: int) -> list[_Po
     the host then keeps only its staging share (COMPUTE_FIXED)."""
     frac = gpu_fraction(inp, reading)
     # Without flash attention a stream's KQ matrix is a fixed size; a unified pool's grows with its cells.
-    per_cell = kq_bytes(inp, 1) if inp.kv_unified else 0
-    compute = compute_bytes(inp.n_batch, inp.n_vocab, n_seq_max) + (0 if inp.kv_unified else kq_bytes(inp, inp.ctx_size))
+    kq_fixed = kq_bytes(inp, 0)
+    per_cell = kq_bytes(inp, 1) - kq_fixed
+    compute = compute_bytes(inp.n_batch, inp.n_vocab, n_seq_max) + kq_fixed
     pools = []
     if frac > 0:
         weights = int(inp.weights_bytes * frac)
@@ -287,8 +289,7 @@ def plan_sizing(inp: SizingInput, reading: MemoryReading) -> SizingPlan:
         ctx_size=inp.ctx_size,
         kv_bytes_per_token=inp.kv_bytes_per_token,
         weights_bytes=inp.weights_bytes,
-        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, layout.n_seq_max)
-        + kq_bytes(inp, cells if inp.kv_unified else inp.ctx_size),
+        compute_bytes=compute_bytes(inp.n_batch, inp.n_vocab, layout.n_seq_max) + kq_bytes(inp, cells),
         host_free=reading.host_free,
         gpu_free=reading.gpu_free if frac > 0 else 0,
         gpu_fraction=frac,
