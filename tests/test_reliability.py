@@ -77,7 +77,9 @@ def test_overload_is_immediate_and_openai_retries_succeed(small):
             # 4 running + 16 queued, each far from done: the queue stays full while we look.
             hogs = [asyncio.create_task(client.post("/v1/chat/completions", json=hog_body))
                     for _ in range(4 + 16)]
-            while (await client.get("/status")).json()["queue"]["waiting"] < 16:
+            # "waiting" counts requests submitted and not yet admitted: 16 of them may be waiting before the
+            # last hogs have even been submitted. 4 running as well means all 20 are in.
+            while not _running_and_waiting(await client.get("/status"), 4, 16):
                 await asyncio.sleep(0.01)
             started = time.monotonic()
             refused = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4})
@@ -101,6 +103,11 @@ def test_overload_is_immediate_and_openai_retries_succeed(small):
     assert elapsed < 5  # answered at once, not after a timeout
     assert tokens > 0
     assert_clean(idle(small.base_url))
+
+
+def _running_and_waiting(status: httpx.Response, running: int, waiting: int) -> bool:
+    body = status.json()
+    return body["sequences"]["active"] >= running and body["queue"]["waiting"] >= waiting
 
 
 async def _cut_stream(client: httpx.AsyncClient, body: dict, after: float) -> None:
