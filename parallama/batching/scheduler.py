@@ -20,6 +20,7 @@ from parallama.batching.latency import RequestMetrics
 from parallama.batching.prefix_cache import MIN_REUSE, Hit, PrefixCache
 from parallama.batching.token_prefix import common_prefix
 from parallama.batching.ram_tier import RamTier
+from parallama.batching.seq_runs import take_adjacent
 from parallama.batching.sequence import FinishReason, Request, SeqStatus, Sequence, SharedPrefix
 from parallama.batching.slot_cache import SlotCache, SlotHit
 from parallama.batching.stats import CacheStats, RequestStats, SchedulerStats, SlotStats
@@ -231,7 +232,7 @@ class Scheduler:
             return None
         if isinstance(self.cache, SlotCache):
             computed = ((s.seq_id, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
-            return self.cache.lookup(seq.prompt, self.free_ids, computed)
+            return self.cache.lookup(seq.prompt, self.free_ids, computed, self._busy_ids())
         return self.cache.lookup(seq.prompt, self.backend.n_ctx - self._committed_cells())
 
     def _wait_for_shared_prefill(self, group: list[Sequence], hit: Hit | None) -> bool:
@@ -274,8 +275,11 @@ class Scheduler:
 
     def _take_seq_id(self, hit: Hit | SlotHit | None) -> int:
         if isinstance(self.cache, SlotCache):  # the slot holding the hit, or the one holding least of value
-            return self.cache.claim(self.free_ids, hit)
-        return self.free_ids.pop()
+            return self.cache.claim(self.free_ids, hit, self._busy_ids())
+        return take_adjacent(self.free_ids, self._busy_ids())
+
+    def _busy_ids(self) -> set[int]:
+        return {s.seq_id for s in self.running if s.seq_id is not None}
 
     def _take_hit(self, seq: Sequence, hit: Hit | SlotHit) -> None:
         try:

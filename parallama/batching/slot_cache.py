@@ -9,19 +9,24 @@ take other work first saves what it holds to the host-RAM tier. A new request ge
 
 - an idle slot whose stream holds the longest prefix of its prompt: it runs there, the rest trimmed;
 - a RAM entry that matches further: restored into an idle slot (a copy of the used cells only);
-- a running sequence's computed prompt (a fan-out sharing a system prompt): its stream copied whole;
+- a running sequence's computed prompt (a fan-out sharing a system prompt), or an idle slot's content
+  when running there would split the running seq_ids: its stream copied whole;
   (a copy is taken when the tokens it saves are worth the cells it moves: copy_pays)
 - else the idle slot holding the least recently used content, and it computes everything.
+
+Among idle slots, those that keep the running seq_ids consecutive come first (seq_runs: every gap
+costs a graph computation per step).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from parallama.batching.prefix_cache import MIN_REUSE
 from parallama.batching.ram_tier import MIN_SAVED_TAIL, RamEntry, RamTier
+from parallama.batching.seq_runs import RUN_COST_TOKENS, runs_added
 from parallama.batching.stats import CacheStats
 from parallama.batching.token_prefix import common_prefix
 from parallama.sequences import Backend
@@ -44,7 +49,7 @@ class SlotHit:
     tokens: int
     slot: int | None = None
     ram: RamEntry | None = None
-    source: int | None = None
+    source: int | None = None  # a running sequence's stream, or an idle slot's away from the running ones
 
 
 class SlotCache:
@@ -62,33 +67,44 @@ class SlotCache:
         return sum(len(tokens) for tokens in self.held.values())
 
     # --- lookup --------------------------------------------------------------------------------
-    def lookup(self, prompt: list[int], idle: Iterable[int],
-               running: Iterable[tuple[int, list[int]]]) -> SlotHit | None:
+    def lookup(self, prompt: list[int], idle: Iterable[int], running: Iterable[tuple[int, list[int]]],
+               busy: Collection[int] = ()) -> SlotHit | None:
         """The best source for ``prompt``'s first tokens, leaving its last token to compute (its logits
-        give the first sample). ``idle``: free seq_ids; ``running``: (seq_id, computed tokens)."""
+        give the first sample). ``idle``: free seq_ids; ``running``: (seq_id, computed tokens); ``busy``:
+        every running seq_id.
+
+        Each offer is worth the tokens it saves, less what it costs: an idle slot that would split the
+        running seq_ids into one more run than ``claim``'s slot costs RUN_COST_TOKENS (seq_runs); a copy
+        into ``claim``'s slot (a RAM entry, or another stream, idle or running) must pay for its cells."""
         limit = len(prompt) - 1
-        best = SlotHit(0)
+        idle = list(idle)
+        extra_runs = {s: runs_added(busy, s) for s in idle}
+        fewest = min(extra_runs.values(), default=0)  # what the slot claim picks adds
+        best, worth = SlotHit(0), 0
         for seq_id in idle:
             n = common_prefix(self.held.get(seq_id, ()), prompt, 0, limit)
-            if n > best.tokens:
-                best = SlotHit(n, slot=seq_id)
+            value = n - RUN_COST_TOKENS * (extra_runs[seq_id] - fewest)
+            if n >= MIN_REUSE and value > worth:
+                best, worth = SlotHit(n, slot=seq_id), value
         if self.ram is not None:
             entry, m = self.ram.match(prompt, limit)
-            if entry is not None and copy_pays(m - best.tokens, len(entry.tokens)):
-                best = SlotHit(m, ram=entry)
-        for seq_id, tokens in running:
+            if entry is not None and copy_pays(m - worth, len(entry.tokens)):
+                best, worth = SlotHit(m, ram=entry), m
+        streams = [*running, *((s, self.held[s]) for s in idle if s in self.held and extra_runs[s] > fewest)]
+        for seq_id, tokens in streams:
             n = common_prefix(tokens, prompt, 0, limit)
-            if copy_pays(n - best.tokens, self.backend.n_ctx_seq):  # a stream is copied whole
-                best = SlotHit(n, source=seq_id)
+            if copy_pays(n - worth, self.backend.n_ctx_seq):  # a stream is copied whole
+                best, worth = SlotHit(n, source=seq_id), n
         return best if best.tokens >= MIN_REUSE else None
 
-    def claim(self, free_ids: list[int], hit: SlotHit | None) -> int:
+    def claim(self, free_ids: list[int], hit: SlotHit | None, busy: Collection[int] = ()) -> int:
         """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else the idle slot
-        whose content was used longest ago (saved to the RAM tier first)."""
+        that adds the fewest runs to ``busy`` (seq_runs), holding nothing or else what was used longest
+        ago (saved to the RAM tier first)."""
         if hit is not None and hit.slot is not None:
             free_ids.remove(hit.slot)
             return hit.slot
-        seq_id = min(free_ids, key=lambda s: (s in self.held, self._used.get(s, 0), s))  # low ids: see _plan
+        seq_id = min(free_ids, key=lambda s: (runs_added(busy, s), s in self.held, self._used.get(s, 0), s))
         free_ids.remove(seq_id)
         self._vacate(seq_id, keep=0)
         return seq_id
