@@ -99,16 +99,16 @@ def test_closed_loop_clients_decode_in_one_micro_batch_with_and_without_the_cach
 
 
 def three_running_and_an_idle_conversation_away_from_them(ctx: int, turn_tokens: int) -> tuple[Scheduler, Request]:
-    """Slots 0-2 run long answers; slot 5 keeps a finished conversation; 3 and 4 keep unrelated ones."""
+    """Slots 0-2 run long answers; slot 5 keeps a finished conversation; 3 and 4 are empty (their requests
+    were too short to keep); 6 and 7 were never used."""
     sched = make(slots=8, ctx=ctx)
     for i in range(3):
         add(sched, f"long{i}", ALPHABET[::-1][i:] + ALPHABET[::-1], max_tokens=500)  # shares nothing with SYSTEM
-    others = [add(sched, f"other{i}", ALPHABET[10 + i:] * 2, max_tokens=2) for i in range(2)]
+    shorts = [add(sched, f"short{i}", "zzzzz", max_tokens=2) for i in range(2)]
     conversation = add(sched, "conversation", SYSTEM[:turn_tokens], max_tokens=2)
-    while any(r.sequences[0].finish_reason is None for r in [*others, conversation]):
-        sched.step()
+    drain_until_done(sched, [*shorts, conversation])
     assert [slot_of(r) for r in sched.requests.values()] == [0, 1, 2]
-    assert sorted(sched.cache.held) == [3, 4, 5]
+    assert list(sched.cache.held) == [5]
     return sched, conversation
 
 
@@ -137,3 +137,22 @@ def test_a_short_prefix_away_from_the_running_slots_is_computed_next_to_them():
     turn = add(sched, "turn", SYSTEM[:short] + "next", max_tokens=2)
     sched.step()
     assert slot_of(turn) == 3 and turn.cached_tokens == 0 and sched.backend.copies == 0
+
+
+def test_an_idle_conversation_is_not_pushed_out_to_keep_another_next_to_the_running_slots():
+    sched = make(slots=4, ctx=300)
+    for i in range(2):
+        add(sched, f"long{i}", ALPHABET[::-1][i:] + ALPHABET[::-1], max_tokens=500)
+    first = add(sched, "first", ALPHABET[5:] + SYSTEM, max_tokens=2)
+    second = add(sched, "second", SYSTEM, max_tokens=2)
+    drain_until_done(sched, [first, second])
+    assert sorted(sched.cache.held) == [2, 3]  # slot 2 (next to 0-1) holds first's, 3 holds second's
+    turn = add(sched, "turn", SYSTEM + "next", max_tokens=2)
+    sched.step()
+    assert slot_of(turn) == 3 and sched.backend.copies == 0  # in place: slot 2's conversation stays
+    assert 2 in sched.cache.held and sched.cache.evictions == 0
+
+
+def drain_until_done(sched: Scheduler, requests: list[Request]) -> None:
+    while any(r.sequences[0].finish_reason is None for r in requests):
+        sched.step()

@@ -10,12 +10,12 @@ take other work first saves what it holds to the host-RAM tier. A new request ge
 - an idle slot whose stream holds the longest prefix of its prompt: it runs there, the rest trimmed;
 - a RAM entry that matches further: restored into an idle slot (a copy of the used cells only);
 - a running sequence's computed prompt (a fan-out sharing a system prompt), or an idle slot's content
-  when running there would split the running seq_ids: its stream copied whole;
+  when running there would split the running seq_ids and an empty slot would not: its stream copied whole;
   (a copy is taken when the tokens it saves are worth the cells it moves: copy_pays)
 - else the idle slot holding the least recently used content, and it computes everything.
 
-Among idle slots, those that keep the running seq_ids consecutive come first (seq_runs: every gap
-costs a graph computation per step).
+Among idle slots, those that keep the running seq_ids consecutive come first, after keeping what slots
+hold (seq_runs: every gap costs a graph computation per step).
 """
 
 from __future__ import annotations
@@ -73,24 +73,28 @@ class SlotCache:
         give the first sample). ``idle``: free seq_ids; ``running``: (seq_id, computed tokens); ``busy``:
         every running seq_id.
 
-        Each offer is worth the tokens it saves, less what it costs: an idle slot that would split the
-        running seq_ids into one more run than ``claim``'s slot costs RUN_COST_TOKENS (seq_runs); a copy
-        into ``claim``'s slot (a RAM entry, or another stream, idle or running) must pay for its cells."""
+        Each offer is worth the tokens it saves, less what it costs, against computing everything in the
+        slot ``claim`` would give: an idle slot that splits the running seq_ids into more runs than that
+        one costs RUN_COST_TOKENS a run (seq_runs); a copy (a RAM entry, or a whole stream) must pay for
+        its cells. An idle slot's stream is copied only into a slot that holds nothing, so a copy never
+        pushes one conversation out to keep another's seq_ids together."""
         limit = len(prompt) - 1
         idle = list(idle)
-        extra_runs = {s: runs_added(busy, s) for s in idle}
-        fewest = min(extra_runs.values(), default=0)  # what the slot claim picks adds
+        target = self._pick(idle, busy)
+        extra_runs = {s: runs_added(busy, s) - runs_added(busy, target) for s in idle}
         best, worth = SlotHit(0), 0
         for seq_id in idle:
             n = common_prefix(self.held.get(seq_id, ()), prompt, 0, limit)
-            value = n - RUN_COST_TOKENS * (extra_runs[seq_id] - fewest)
+            value = n - RUN_COST_TOKENS * extra_runs[seq_id]
             if n >= MIN_REUSE and value > worth:
                 best, worth = SlotHit(n, slot=seq_id), value
         if self.ram is not None:
             entry, m = self.ram.match(prompt, limit)
             if entry is not None and copy_pays(m - worth, len(entry.tokens)):
                 best, worth = SlotHit(m, ram=entry), m
-        streams = [*running, *((s, self.held[s]) for s in idle if s in self.held and extra_runs[s] > fewest)]
+        streams = list(running)
+        if target not in self.held:
+            streams += [(s, self.held[s]) for s in idle if s in self.held and extra_runs[s] > 0]
         for seq_id, tokens in streams:
             n = common_prefix(tokens, prompt, 0, limit)
             if copy_pays(n - worth, self.backend.n_ctx_seq):  # a stream is copied whole
@@ -98,16 +102,18 @@ class SlotCache:
         return best if best.tokens >= MIN_REUSE else None
 
     def claim(self, free_ids: list[int], hit: SlotHit | None, busy: Collection[int] = ()) -> int:
-        """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else the idle slot
-        that adds the fewest runs to ``busy`` (seq_runs), holding nothing or else what was used longest
-        ago (saved to the RAM tier first)."""
-        if hit is not None and hit.slot is not None:
-            free_ids.remove(hit.slot)
-            return hit.slot
-        seq_id = min(free_ids, key=lambda s: (runs_added(busy, s), s in self.held, self._used.get(s, 0), s))
+        """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else ``_pick``'s."""
+        seq_id = hit.slot if hit is not None and hit.slot is not None else self._pick(free_ids, busy)
         free_ids.remove(seq_id)
-        self._vacate(seq_id, keep=0)
+        if hit is None or hit.slot is None:
+            self._vacate(seq_id, keep=0)
         return seq_id
+
+    def _pick(self, free_ids: Iterable[int], busy: Collection[int]) -> int:
+        """The free slot a new sequence computes in: one that holds nothing before one that holds a
+        conversation; then one that keeps the running seq_ids together (seq_runs); then the one whose
+        content was used longest ago (saved to the RAM tier when vacated)."""
+        return min(free_ids, key=lambda s: (s in self.held, runs_added(busy, s), self._used.get(s, 0), s))
 
     def attach(self, seq_id: int, hit: SlotHit) -> None:
         """Put the hit's tokens in ``seq_id``'s stream (claimed for this hit)."""
