@@ -15,6 +15,7 @@ from parallama.batching.sequence import Request
 from parallama.memory.sizing import SeqLayout
 from parallama.sequences import BatchPlan, SamplingParams
 from parallama.sequences.fake_backend import FakeBackend
+from cache_stepping import drain_checked
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SYSTEM = ALPHABET * 3  # 78 tokens, shared by every prompt
@@ -35,14 +36,6 @@ def add(sched: Scheduler, name: str, text: str, max_tokens: int) -> Request:
     request = Request(name, sched.backend.tokenize(text), SamplingParams(temperature=0, max_tokens=max_tokens), 1)
     sched.add(request)
     return request
-
-
-def drain(sched: Scheduler) -> None:
-    for _ in range(2000):
-        if not sched.has_work:
-            return
-        sched.step()
-    raise AssertionError("still working after 2000 steps")
 
 
 def slot_of(request: Request) -> int:
@@ -86,7 +79,7 @@ def closed_loop(sched: Scheduler, clients: int, total: int, seed: int) -> list[i
         for _, event in result.events:
             if event.usage is not None:
                 send()
-    drain(sched)
+    drain_checked(sched, lambda _: None, limit=2000)
     return counts
 
 
