@@ -102,11 +102,14 @@ class SlotCache:
         return best if best.tokens >= MIN_REUSE else None
 
     def claim(self, free_ids: list[int], hit: SlotHit | None, busy: Collection[int] = ()) -> int:
-        """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else ``_pick``'s."""
-        seq_id = hit.slot if hit is not None and hit.slot is not None else self._pick(free_ids, busy)
+        """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else ``_pick``'s, whose
+        content is vacated (saved to the RAM tier when worth keeping)."""
+        if hit is not None and hit.slot is not None:
+            free_ids.remove(hit.slot)
+            return hit.slot
+        seq_id = self._pick(free_ids, busy)
         free_ids.remove(seq_id)
-        if hit is None or hit.slot is None:
-            self._vacate(seq_id, keep=0)
+        self._vacate(seq_id, keep=0)
         return seq_id
 
     def _pick(self, free_ids: Iterable[int], busy: Collection[int]) -> int:
