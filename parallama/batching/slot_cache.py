@@ -68,7 +68,7 @@ class SlotCache:
 
     # --- lookup --------------------------------------------------------------------------------
     def lookup(self, prompt: list[int], idle: Iterable[int], running: Iterable[tuple[int, list[int]]],
-               busy: Collection[int] = ()) -> SlotHit | None:
+               busy: Collection[int]) -> SlotHit | None:
         """The best source for ``prompt``'s first tokens, leaving its last token to compute (its logits
         give the first sample). ``idle``: free seq_ids; ``running``: (seq_id, computed tokens); ``busy``:
         every running seq_id.
@@ -101,7 +101,7 @@ class SlotCache:
                 best, worth = SlotHit(n, source=seq_id), n
         return best if best.tokens >= MIN_REUSE else None
 
-    def claim(self, free_ids: list[int], hit: SlotHit | None, busy: Collection[int] = ()) -> int:
+    def claim(self, free_ids: list[int], hit: SlotHit | None, busy: Collection[int]) -> int:
         """Take a seq_id out of ``free_ids`` for a new sequence: the hit's slot, or else ``_pick``'s, whose
         content is vacated (saved to the RAM tier when worth keeping)."""
         if hit is not None and hit.slot is not None:
